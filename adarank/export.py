@@ -1,0 +1,97 @@
+"""Export to a plain PEFT LoRA adapter: the one place where our names become PEFT's.
+
+For an SVD adapter B = P·diag(λ·scale) over the kept triplets and A = Q; for a LoRA adapter
+B = scale·B, A = A. The scale is folded into B, so every module gets lora_alpha = r (PEFT scale 1).
+A module pruned to rank 0 is left out of `target_modules`: its ΔW is exactly zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .atomic import atomic_write_bytes, atomic_write_text
+from .inject import adapters
+from .layers import LoraLinear, SVDLinear
+
+__all__ = ["export_peft", "peft_factors"]
+
+
+@torch.no_grad()
+def peft_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) in PEFT's layout, (r, in) and (out, r), fp32, scale folded into B."""
+    if isinstance(layer, SVDLinear):
+        keep = (layer.lam != 0).nonzero().flatten()
+        lam = layer.lam.float()[keep] * layer.scale
+        return layer.Q.float()[keep].contiguous(), (layer.P.float()[:, keep] * lam).contiguous()
+    if isinstance(layer, LoraLinear):
+        return layer.lora_A.float().contiguous(), (layer.lora_B.float() * layer.scale).contiguous()
+    raise TypeError(f"not an adarank adapter: {type(layer).__name__}")
+
+
+def export_peft(
+    model: nn.Module,
+    out_dir: str,
+    base_model_name_or_path: str | None = None,
+    modules_to_save: Sequence[str] = (),
+    task_type: str | None = None,
+) -> dict[str, int]:
+    """Write `adapter_config.json` and `adapter_model.safetensors` loadable by
+    `peft.PeftModel.from_pretrained(base, out_dir)`. Returns the exported rank of every module.
+
+    `modules_to_save` are names (suffixes) of fully trained modules, e.g. the classifier head; their
+    weights are saved the way PEFT >= 0.14 saves `modules_to_save` (wrapper prefix removed).
+    """
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    fan_in_fan_out = False
+    for name, layer in adapters(model):
+        A, B = peft_factors(layer)
+        ranks[name] = A.shape[0]
+        if A.shape[0] == 0:
+            continue
+        fan_in_fan_out |= layer.transposed
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B
+    mods = dict(model.named_modules())
+    saved: list[str] = []
+    for suffix in modules_to_save:
+        for n, m in mods.items():
+            if n == suffix or n.endswith("." + suffix):
+                saved.append(suffix)
+                for pn, p in m.named_parameters():
+                    tensors[f"base_model.model.{n}.{pn}"] = p.detach().float().contiguous()
+    kept = {n: r for n, r in ranks.items() if r > 0}
+    # PEFT matches a target_modules list entry by equality or dotted suffix, and rank/alpha patterns by
+    # regex against the name's dotted suffixes; escaped full names keep every pattern unambiguous.
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": max(kept.values(), default=1),
+        "lora_alpha": max(kept.values(), default=1),
+        "target_modules": sorted(kept),
+        "rank_pattern": {_esc(n): r for n, r in kept.items()},
+        "alpha_pattern": {_esc(n): r for n, r in kept.items()},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": False,
+        "modules_to_save": sorted(set(saved)) or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_bytes(os.path.join(out_dir, "adapter_model.safetensors"), save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2))
+    return ranks
+
+
+def _esc(name: str) -> str:
+    return name.replace(".", r"\.")

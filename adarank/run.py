@@ -1,0 +1,203 @@
+"""Entry point: `python -m adarank.run [+experiment=NAME] [overrides]` (Hydra 1.3).
+
+User mistakes (a typo in a key, a wrong type, a bad value, a missing file) end in one line on stderr
+naming the field or file, before any model weights load. Tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .config import Config, register
+
+CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "conf"))
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+register()
+
+
+def one_line(e: BaseException) -> str:
+    """A readable single line from an exception and its cause (Hydra's messages span lines)."""
+    parts: list[str] = []
+    for x in (e, e.__cause__):
+        if x is None:
+            continue
+        for line in str(x).split("Config search path")[0].splitlines():
+            line = line.strip()
+            if not line or line.endswith("_schema") or line.startswith(
+                ("Set the environment variable", "full_key", "object_type", "reference_type")
+            ):
+                continue
+            if parts and parts[-1].endswith(":"):
+                parts[-1] += " " + line  # "Available options in 'method': adalora ..." on one line
+            elif parts and parts[-1].startswith("Available options"):
+                parts[-1] += ", " + line
+            else:
+                parts.append(line)
+    text = "; ".join(dict.fromkeys(parts)) or type(e).__name__
+    return re.sub(r"\s+", " ", text)
+
+
+def to_config(dcfg: DictConfig) -> Config:
+    """The typed config; dataclass __post_init__ validation runs here."""
+    obj = OmegaConf.to_object(dcfg)
+    if not isinstance(obj, Config):  # pragma: no cover - the schema is always the root
+        raise ValueError("config: the root config is not adarank's schema")
+    return obj
+
+
+def _variants(overrides: list[str]) -> list[list[str]] | None:
+    """One override list per sweep value (others at their first value), so every value gets validated."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for o in parsed:
+        if o.get_key_element().lstrip("+~").startswith("hydra"):
+            continue
+        if o.is_sweep_override():
+            try:
+                vals = list(o.sweep_string_iterator())
+            except Exception:
+                return None  # glob() and friends: Hydra resolves them itself
+            key = o.get_key_element()
+            choices.append([f"{key}={v}" for v in vals])
+        else:
+            choices.append([o.input_line])
+    first = [c[0] for c in choices]
+    out = [first]
+    for i, c in enumerate(choices):
+        for v in c[1:]:
+            out.append(first[:i] + [v] + first[i + 1 :])
+    return out
+
+
+def prevalidate(argv: list[str]) -> str | None:
+    """Compose and type-check the config for these command-line overrides; None when fine."""
+    from hydra import compose, initialize_config_dir
+
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in ("-m", "--multirun") for f in flags):
+        return None  # --help, --cfg, --info ...: Hydra's own business
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        variants = _variants(overrides)
+        if variants is None:
+            return None
+        for ov in variants:
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                cfg = to_config(compose(config_name="config", overrides=ov))
+            preflight(cfg)
+    except Exception as e:  # every composition or validation failure is a user error here
+        return one_line(e)
+    return None
+
+
+def preflight(cfg: Config) -> int:
+    """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
+    from .data import get_task, load_task
+    from .inject import find_targets, unfreeze
+    from .models import resolve_path
+    from .schedule import make_schedule, resolve_budget
+    from .train import total_steps
+
+    get_task(cfg.task.name)
+    if cfg.data.dir is not None and not os.path.isdir(os.path.expanduser(cfg.data.dir)):
+        raise FileNotFoundError(f"data.dir: {cfg.data.dir} is not a directory")
+    data = load_task(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
+    n_batches = math.ceil(len(data.splits["train"]) / cfg.train.batch_size)
+    T = total_steps(n_batches, cfg.train.epochs, cfg.train.grad_accum, cfg.train.max_steps)
+    model = _meta_model(cfg, data.task.num_labels)
+    m = cfg.method
+    if m.name != "full":
+        from .layers import base_dims
+
+        targets = list(m.targets) if m.targets is not None else list(cfg.model.targets)
+        names = find_targets(model, targets, m.target_regex)
+        unfreeze(model, cfg.model.train_modules)
+        if m.adaptive:
+            shapes = [base_dims(model.get_submodule(n)) for n in names]
+            explicit = m.target_total_rank is not None or m.target_params is not None
+            resolve_budget(shapes, None if explicit else m.r, m.target_total_rank, m.target_params, m.init_rank, m.init_ratio)
+            make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
+    resolve_path(cfg.model.tokenizer or ("minilm" if cfg.model.name_or_path == "random" else cfg.model.name_or_path))
+    return T
+
+
+def _meta_model(cfg: Config, num_labels: int):
+    """The model's module structure on the meta device: no weights are read or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
+
+    from .models import resolve_path
+
+    if cfg.model.name_or_path == "random":
+        mcfg = BertConfig(num_labels=num_labels, **cfg.model.random_config)
+    else:
+        mcfg = AutoConfig.from_pretrained(resolve_path(cfg.model.name_or_path), num_labels=num_labels)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(mcfg)
+
+
+def check_out_dir(out_dir: str, cfg: Config) -> None:
+    """Never overwrite a run by accident."""
+    from .checkpoint import CKPT_NAME
+
+    busy = [f for f in ("results.json", CKPT_NAME) if os.path.exists(os.path.join(out_dir, f))]
+    if busy and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds a run ({', '.join(busy)}); pass resume=true to continue it or overwrite=true to start over"
+        )
+    if cfg.overwrite and not cfg.resume and CKPT_NAME in busy:
+        os.remove(os.path.join(out_dir, CKPT_NAME))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _app(dcfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .train import TrainingDiverged, train
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        cfg = to_config(dcfg)
+        check_out_dir(out_dir, cfg)
+        preflight(cfg)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"adarank: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        res = train(cfg, out_dir)
+    except TrainingDiverged as e:
+        print(f"adarank: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
+    final = res["metrics"]["final"]
+    print(
+        f"[{res['method']} on {res['task']}] dev {res['metric']} = {res['value']:.4f} "
+        f"(at the best-validation step: {res['best_value']:.4f}); "
+        f"{res['trainable_params']:,} trainable params; {res['steps']} steps in {res['seconds']:.0f}s; "
+        f"results in {out_dir}"
+    )
+    return final.get(f"val/{res['metric']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    err = prevalidate(argv)
+    if err is not None:
+        print(f"adarank: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.argv = [sys.argv[0]] + argv
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Shrink: physically remove pruned triplets from SVD adapters and slice the optimizer state to match.
+
+PEFT only masks, so its adapters never get smaller or cheaper. The scale stays α/r_init, so the
+function computed by the kept triplets is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .layers import SVDLinear
+
+__all__ = ["shrink_layers", "remap_optimizer"]
+
+Swap = tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]
+
+
+def shrink_layers(layers: Sequence[SVDLinear], masks: Sequence[torch.Tensor]) -> list[Swap]:
+    """Keep the triplets where `mask` is True in each layer; returns the parameter swaps."""
+    swaps: list[Swap] = []
+    for layer, mask in zip(layers, masks):
+        swaps += layer.keep(mask.nonzero().flatten())
+    return swaps
+
+
+@torch.no_grad()
+def remap_optimizer(optimizer: torch.optim.Optimizer, swaps: Sequence[Swap]) -> None:
+    """Point the optimizer at the new parameters and slice each per-element state tensor."""
+    by_old = {id(old): (new, dim, idx) for old, new, dim, idx in swaps}
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            hit = by_old.get(id(p))
+            if hit is None:
+                continue
+            new, dim, idx = hit
+            group["params"][i] = new
+            state = optimizer.state.pop(p, None)
+            if state is not None:
+                optimizer.state[new] = {
+                    k: v.index_select(dim, idx.to(v.device)).clone()
+                    if torch.is_tensor(v) and v.shape == p.shape
+                    else v
+                    for k, v in state.items()
+                }

@@ -1,0 +1,333 @@
+"""The training loop, top to bottom: data, model, method, allocator, optimisation, evaluation, results.
+
+The loop owns the allocator: it calls `allocator.step()` after every optimizer step, on unscaled
+gradients, and adds the orthogonal regulariser to the loss itself. Nobody has to remember a hook.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .atomic import atomic_write_json
+from .config import Config
+from .data import Batches, compute_metrics, encode, load_task
+from .methods import Adapted, apply_method, build_allocator
+from .models import load_model, load_tokenizer
+from .monitor import NormWatch, adapter_norms
+
+__all__ = ["train", "TrainingDiverged", "total_steps"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device: {name} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32. CPU always trains in fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def total_steps(n_batches: int, epochs: float, grad_accum: int, max_steps: int | None) -> int:
+    """T, derived from the data loader, the epochs and gradient accumulation (never asked of the user)."""
+    if max_steps is not None:
+        return max_steps
+    # an epoch ends with a partial accumulation step, so it has ceil(n_batches / grad_accum) steps
+    return max(1, math.ceil(epochs * math.ceil(n_batches / grad_accum)))
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "datasets", "peft", "hydra-core", "wandb", "numpy", "scipy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_sha() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, task, device: torch.device, amp: torch.dtype | None, prefix: str) -> dict[str, float]:
+    model.eval()
+    preds, labels = [], []
+    for batch in batches:
+        labels.append(batch.pop("labels"))
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(**batch).logits
+        preds.append(logits.float().cpu())
+    model.train()
+    return compute_metrics(task, torch.cat(preds).numpy(), torch.cat(labels).numpy(), prefix=prefix)
+
+
+def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
+    """Run one experiment into `out_dir`; returns what `results.json` holds."""
+    from .plots import budget_curve, rank_heatmap
+    from .tracking import Tracker
+
+    t_start = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    m, tc = cfg.method, cfg.train
+    device = pick_device(tc.device)
+    amp = amp_dtype(tc.precision, device)
+    state = ckpt.load(out_dir) if cfg.resume else None
+    if cfg.resume and os.path.exists(os.path.join(out_dir, "results.json")) and state is None:
+        log(f"run in {out_dir} already finished; nothing to resume")
+        import json
+
+        with open(os.path.join(out_dir, "results.json")) as f:
+            return json.load(f)
+
+    # ---- data ----------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    data = load_task(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
+    task = data.task
+    tokenizer = load_tokenizer(cfg.model.name_or_path if cfg.model.name_or_path != "random" else "minilm", cfg.model.tokenizer)
+    cache = cfg.data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "adarank")
+    enc = {}
+    for name, ds in data.splits.items():
+        if name != "train" and cfg.data.max_eval_samples is not None and len(ds) > cfg.data.max_eval_samples:
+            # a fixed random subset (seed 0, not the run seed): every run is scored on the same rows
+            ds = ds.select(np.random.default_rng(0).permutation(len(ds))[: cfg.data.max_eval_samples])
+        enc[name] = encode(ds, tokenizer, task.text_fields, cfg.task.max_length, cache)
+    train_batches = Batches(enc["train"], tc.batch_size, shuffle=True, seed=cfg.seed, pin_memory=device.type == "cuda")
+    eval_sets = {k: Batches(v, tc.eval_batch_size, shuffle=False) for k, v in enc.items() if k not in ("train", "test")}
+
+    # ---- model and method ----------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    model = load_model(cfg.model.name_or_path, task.num_labels, cfg.model.dtype, cfg.model.random_config, len(tokenizer), tokenizer.pad_token_id)
+    adapted: Adapted = apply_method(model, m, cfg.model)
+    model = adapted.model.to(device)
+    T = total_steps(len(train_batches), tc.epochs, tc.grad_accum, tc.max_steps)
+    allocator = build_allocator(adapted, m, T)
+    log(f"{m.name}: {adapted.report.summary()}; T={T} optimizer steps")
+
+    start_step, epoch, batch_in_epoch = 0, 0, 0
+    history: dict[str, Any] = {"budget_curve": [], "evals": [], "best": None, "wandb_id": None}
+    if state is not None and allocator is not None:
+        allocator.load_state_dict(state["allocator"])  # may shrink layers: before building the optimizer
+    if state is not None:
+        ckpt.load_trainable_state(model, state["model"])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = m.lr if m.lr is not None else tc.lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(round(tc.warmup_frac * T), T))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        history = state["history"]
+        ckpt.set_rng_state(state["rng"])
+        log(f"resumed from step {start_step}")
+    fwd = torch.compile(model) if tc.compile else model
+
+    tracker = Tracker(
+        mode=cfg.wandb.mode, project=cfg.wandb.project, group=cfg.experiment_name, job_type=m.name,
+        tags=[cfg.task.name, m.name, cfg.model.name], name=os.path.basename(os.path.normpath(out_dir)),
+        config=_plain(cfg), out_dir=out_dir, run_id=history["wandb_id"], resume=state is not None,
+    )
+    history["wandb_id"] = tracker.run_id
+    main_key = f"{task.dev_splits[0]}/{task.main_metric}"
+    val_key = f"val/{task.main_metric}"
+    eval_every = tc.eval_every or math.ceil(len(train_batches) / tc.grad_accum)
+    ckpt_every = tc.checkpoint_every or eval_every
+    watch = NormWatch()
+
+    def run_eval(step: int) -> dict[str, float]:
+        res: dict[str, float] = {}
+        for name, b in eval_sets.items():
+            res.update(evaluate(fwd, b, task, device, amp, prefix=f"{name}/"))
+        history["evals"].append({"step": step, **res})
+        best = history["best"]
+        if best is None or res[val_key] > best[val_key]:
+            history["best"] = {"step": step, **res}
+        tracker.log({f"eval/{k}": v for k, v in res.items()}, step)
+        return res
+
+    def save_checkpoint(step: int) -> None:
+        ckpt.save(out_dir, {
+            "model": ckpt.trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "allocator": allocator.state_dict() if allocator is not None else None,
+            "rng": ckpt.rng_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history,
+        })
+
+    # ---- the loop ------------------------------------------------------------------------------
+    model.train()
+    step = start_step
+    bar = None
+    if tc.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=T, initial=step, desc=f"{m.name} {cfg.task.name}", dynamic_ncols=True, file=sys.stderr)
+    loss_sum = torch.zeros((), device=device)
+    loss_n = 0
+    alloc_res = None
+    while step < T:
+        train_batches.set_epoch(epoch, batch_in_epoch)
+        micro = 0
+        for batch in train_batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = fwd(**batch).loss
+                if adapted.regularizer is not None:
+                    loss = loss + adapted.regularizer()
+            scaler.scale(loss / tc.grad_accum).backward()
+            loss_sum += loss.detach().float()
+            loss_n += 1
+            batch_in_epoch += 1
+            micro += 1
+            if micro % tc.grad_accum and batch_in_epoch < len(train_batches):
+                continue
+            # ---- one optimizer step ----
+            scaler.unscale_(opt)  # the allocator and clipping see true gradients
+            if tc.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(opt)
+            scaler.update()
+            skipped = scale_before is not None and scaler.get_scale() < scale_before
+            sched.step()
+            step += 1
+            if allocator is not None:
+                alloc_res = allocator.step(update_importance=not skipped)
+                history["budget_curve"].append([step, alloc_res.budget])
+                if alloc_res.phase == "final" and m.shrink and m.name == "adalora" and not allocator.shrunk:
+                    allocator.shrink(opt)
+                    params = [p for p in model.parameters() if p.requires_grad]
+            opt.zero_grad(set_to_none=True)
+
+            if step % tc.log_every == 0 or step == T:
+                mean_loss = (loss_sum / max(loss_n, 1)).item()
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(
+                        f"loss is {mean_loss} at step {step}; stopped. The last good checkpoint is kept in {out_dir}"
+                    )
+                scalars: dict[str, float] = {"train/loss": mean_loss, "train/lr": sched.get_last_lr()[0], "train/epoch": epoch}
+                norms = {k: float(v) for k, v in adapter_norms(model).items()}
+                scalars.update({f"norm/{k}": v for k, v in norms.items()})
+                for msg in watch.check(norms, epoch):
+                    log("WARNING: " + msg)
+                if alloc_res is not None:
+                    scalars["alloc/budget"] = alloc_res.budget
+                    if alloc_res.threshold is not None:
+                        scalars["alloc/threshold"] = float(alloc_res.threshold)
+                    scalars.update({f"rank/{k}": v for k, v in alloc_res.rank_dict().items()})
+                tracker.log(scalars, step)
+                if bar is not None:
+                    post = {"loss": f"{mean_loss:.4f}"}
+                    if alloc_res is not None:
+                        post["budget"] = alloc_res.budget
+                    bar.set_postfix(post)
+                loss_sum.zero_()
+                loss_n = 0
+            if bar is not None:
+                bar.update(1)
+            done = step >= T
+            if step % eval_every == 0 or done:
+                res = run_eval(step)
+                log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))
+            if step % ckpt_every == 0 and not done:
+                _check_finite(loss_sum, loss_n, step, out_dir)
+                save_checkpoint(step)  # at an optimizer-step boundary, so resuming re-enters the loop exactly
+            if done:
+                break
+        if step >= T:
+            break
+        epoch += 1
+        batch_in_epoch = 0
+    if bar is not None:
+        bar.close()
+
+    # ---- results -------------------------------------------------------------------------------
+    final = history["evals"][-1] if history["evals"] and history["evals"][-1]["step"] == step else run_eval(step)
+    best = history["best"]
+    ranks = alloc_res.rank_dict() if alloc_res is not None else {}
+    if allocator is not None and alloc_res is None:
+        ranks = dict(zip(allocator.names, allocator.ranks().tolist()))
+    if ranks:
+        path = rank_heatmap(ranks, os.path.join(out_dir, "rank_heatmap.png"), title=f"{m.name} {cfg.task.name}")
+        tracker.log_ranks(ranks, step)
+        if path:
+            tracker.log_image("rank_heatmap", path, step)
+    if history["budget_curve"]:
+        bpath = budget_curve(history["budget_curve"], os.path.join(out_dir, "budget_curve.png"), title=f"{m.name} {cfg.task.name}")
+        if bpath:
+            tracker.log_image("budget_curve", bpath, step)
+    budget = None if m.name == "full" else m.r
+    results = {
+        "experiment": cfg.experiment_name, "task": cfg.task.name, "method": m.name, "model": cfg.model.name,
+        "budget": budget, "seed": cfg.seed, "metric": task.main_metric,
+        "value": final[main_key], "best_value": best[main_key],
+        "metrics": {"final": final, "best": best, "best_step": best["step"]},
+        "trainable_params": adapted.report.trainable, "trainable_share": adapted.report.share,
+        "steps": step, "seconds": round(time.time() - t_start, 2),
+        "final_ranks": ranks, "budget_curve": history["budget_curve"],
+        "config": _plain(cfg), "git_sha": _git_sha(), "versions": _versions(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    }
+    atomic_write_json(os.path.join(out_dir, "results.json"), results)
+    tracker.summary({"final/" + k: v for k, v in final.items()} | {"best/" + k: v for k, v in best.items()})
+    tracker.finish()
+    ck = os.path.join(out_dir, ckpt.CKPT_NAME)
+    if os.path.exists(ck):
+        os.remove(ck)  # the run finished: results.json is the record, the checkpoint is obsolete
+    return results
+
+
+def _check_finite(loss_sum: torch.Tensor, n: int, step: int, out_dir: str) -> None:
+    if n and not torch.isfinite(loss_sum).item():
+        raise TrainingDiverged(f"loss is not finite at step {step}; stopped. The last good checkpoint is kept in {out_dir}")
+
+
+def _plain(cfg: Config) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,227 @@
+"""adarank.allocator: what a step returns, None gradients, rank-0 modules, resuming, and cost per step."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import adarank
+from adarank.schedule import Schedule
+
+from conftest import drive, make_batch, svd_bert
+
+SCH = Schedule(total=12, t_init=2, t_final=3, delta_t=2)  # masks at t = 4, 6, 8; final mask at t = 9
+
+
+def make_alloc(model, sch: Schedule = SCH, target_total: int = 22, **kw) -> adarank.RankAllocator:
+    return adarank.RankAllocator(adarank.svd_adapters(model), sch, target_total, **kw)
+
+
+def test_allocation_contents():
+    model, _ = svd_bert()
+    layers = adarank.svd_adapters(model)
+    alloc = make_alloc(model)
+    assert alloc.init_total == 44 and alloc.mask.all()
+    phases = []
+    for t in range(1, SCH.total + 1):
+        drive(layers, t)
+        a = alloc.step()
+        budget, do_mask = SCH.at(t, 44, 22)
+        assert (a.step, a.budget) == (t, budget)
+        assert a.names == [n for n, _ in layers] == alloc.names
+        assert a.ranks.dtype == torch.long and a.ranks.shape == (11,)
+        assert a.masked == (do_mask if t < 9 else t == 9)
+        if a.masked:
+            # random scores have no ties: exactly `budget` triplets survive, the rest have λ = 0
+            assert int(a.ranks.sum()) == budget and a.threshold.ndim == 0
+            assert [int((m.lam != 0).sum()) for _, m in layers] == a.ranks.tolist()
+        assert a.rank_dict() == dict(zip(a.names, a.ranks.tolist()))
+        phases.append(a.phase)
+    assert phases == ["init"] * 2 + ["budget"] * 6 + ["final"] * 4
+    assert int(a.ranks.sum()) == 22 and len(set(a.ranks.tolist())) > 1
+    json.dumps(a.rank_dict())  # plain ints, loggable
+
+
+def test_final_phase_remasks_revived_lams():
+    model, _ = svd_bert()
+    layers = adarank.svd_adapters(model)
+    alloc = make_alloc(model)
+    for t in range(1, 10):
+        drive(layers, t)
+        alloc.step()
+    pruned = [~mk for mk in alloc.module_masks()]
+    drive(layers, 10)  # the 'optimizer' moves every λ, pruned ones too
+    assert any(bool((m.lam[p] != 0).any()) for (_, m), p in zip(layers, pruned))
+    a = alloc.step()
+    assert not a.masked and a.threshold is None
+    assert all(bool((m.lam[p] == 0).all()) for (_, m), p in zip(layers, pruned))
+
+
+def test_none_gradients_count_as_zero_sensitivity():
+    model, _ = svd_bert()
+    layers = adarank.svd_adapters(model)
+    alloc = make_alloc(model)
+    skip = layers[3][0]
+    for t in range(1, 4):
+        drive(layers, t, skip=(skip,))
+        assert layers[3][1].P.grad is None
+        alloc.step()
+    for i, (e_ipt, e_unc) in enumerate(zip(alloc.ema_ipt, alloc.ema_unc)):
+        is_skipped = i // 3 == 3
+        assert bool((e_ipt == 0).all()) == is_skipped and bool((e_unc == 0).all()) == is_skipped
+
+
+def test_module_pruned_to_rank_zero_keeps_working(tmp_path):
+    """A module without gradients scores 0 and loses every triplet; forward, backward, orth, export and
+    training all still work with it, before and after shrink."""
+    model, _ = svd_bert()
+    layers = adarank.svd_adapters(model)
+    alloc = make_alloc(model)
+    dead = layers[5][0]  # bert.encoder.layer.1.attention.self.query
+    for t in range(1, 10):
+        drive(layers, t, skip=(dead,))
+        alloc.step()
+    ranks = dict(zip(alloc.names, alloc.ranks().tolist()))
+    assert ranks[dead] == 0 and sum(ranks.values()) == 22
+    batch = make_batch()
+    before = model(**batch).logits.detach()
+    alloc.shrink()
+    m = layers[5][1]
+    assert m.r == 0 and m.P.shape == (16, 0) and m.lam.shape == (0,) and m.Q.shape == (0, 16)
+    out = model(**batch)
+    torch.testing.assert_close(out.logits, before, rtol=0, atol=1e-6)
+    (out.loss + adarank.orth_penalty([m for _, m in layers])).backward()
+    assert all(p.grad is not None for _, mm in layers if mm.r > 0 for p in (mm.P, mm.lam, mm.Q))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt.step()
+    a = alloc.step()
+    assert a.ranks.tolist()[5] == 0 and a.phase == "final"
+    ranks = adarank.export_peft(model, str(tmp_path))
+    assert ranks[dead] == 0
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert dead not in cfg["target_modules"] and len(cfg["target_modules"]) == 10
+
+
+# ----- resuming ---------------------------------------------------------------------------------
+
+TRAIN_SCH = Schedule(total=14, t_init=2, t_final=4, delta_t=1)  # final mask at t = 10
+
+
+def fresh_run(lr: float = 5e-2, seed: int = 0):
+    model, _ = svd_bert(seed=seed)
+    alloc = make_alloc(model, TRAIN_SCH)
+    return model, alloc, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def train(model, alloc, opt, steps: range, shrink_at: int | None = None) -> dict[int, dict]:
+    """A real loop: forward, backward, AdamW, allocator. Returns a trace of masks, EMAs and λ per step."""
+    batch = make_batch()
+    trace = {}
+    for t in steps:
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        a = alloc.step()
+        opt.zero_grad()
+        assert a.step == t
+        if t == shrink_at:
+            alloc.shrink(opt)
+        trace[t] = {
+            "mask": alloc.mask.clone(),
+            "ranks": a.ranks.tolist(),
+            "ema": None if alloc.ema_ipt is None else [x.clone() for x in alloc.ema_ipt + alloc.ema_unc],
+            "lam": [m.lam.detach().clone() for m in alloc.layers],
+        }
+    return trace
+
+
+def assert_same_trace(a: dict, b: dict) -> None:
+    for t in b:
+        assert torch.equal(a[t]["mask"], b[t]["mask"]) and a[t]["ranks"] == b[t]["ranks"], t
+        assert (a[t]["ema"] is None) == (b[t]["ema"] is None), t
+        if a[t]["ema"] is not None:
+            assert all(torch.equal(x, y) for x, y in zip(a[t]["ema"], b[t]["ema"])), t
+        assert all(torch.equal(x, y) for x, y in zip(a[t]["lam"], b[t]["lam"])), t
+
+
+def save(model, alloc, opt) -> dict:
+    return copy.deepcopy({"model": model.state_dict(), "alloc": alloc.state_dict(), "opt": opt.state_dict()})
+
+
+def test_resume_mid_schedule_continues_exactly():
+    ref = train(*fresh_run(), range(1, 15))
+    model, alloc, opt = fresh_run()
+    first = train(model, alloc, opt, range(1, 7))  # stop in the budgeting phase
+    assert_same_trace(ref, first)
+    ckpt = save(model, alloc, opt)
+    del model, alloc, opt
+
+    model, alloc, opt = fresh_run(seed=5)  # other weights: everything must come from the checkpoint
+    model.load_state_dict(ckpt["model"])
+    alloc.load_state_dict(ckpt["alloc"])
+    opt.load_state_dict(ckpt["opt"])
+    assert alloc.t == 6 and alloc.ema_ipt is not None
+    rest = train(model, alloc, opt, range(7, 15))
+    assert_same_trace(ref, rest)
+    assert sum(rest[14]["ranks"]) == 22
+
+
+def test_resume_after_shrink_shrinks_the_fresh_model():
+    ref_model, ref_alloc, ref_opt = fresh_run()
+    ref = train(ref_model, ref_alloc, ref_opt, range(1, 15), shrink_at=10)
+    model, alloc, opt = fresh_run()
+    train(model, alloc, opt, range(1, 12), shrink_at=10)
+    ckpt = save(model, alloc, opt)
+    ranks = [m.r for m in alloc.layers]
+    assert sum(ranks) == 22
+
+    model, alloc, _ = fresh_run(seed=5)
+    alloc.load_state_dict(ckpt["alloc"])  # shrinks the fresh layers to the saved ranks...
+    assert [m.r for m in alloc.layers] == ranks and alloc.shrunk and alloc.frozen
+    model.load_state_dict(ckpt["model"])  # ...so the shrunk weights fit
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)  # built after
+    opt.load_state_dict(ckpt["opt"])
+    rest = train(model, alloc, opt, range(12, 15))
+    assert_same_trace(ref, rest)
+    for (_, m), (_, r) in zip(adarank.svd_adapters(model), adarank.svd_adapters(ref_model)):
+        assert torch.equal(m.P, r.P) and torch.equal(m.Q, r.Q)
+
+
+# ----- cost per step ----------------------------------------------------------------------------
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_of_one_masking_step(n_layers: int) -> tuple[int, collections.Counter, int]:
+    model, _ = svd_bert(layers=n_layers)
+    layers = adarank.svd_adapters(model)
+    alloc = make_alloc(model, Schedule(total=20, t_init=2, t_final=5, delta_t=1), target_total=2 * len(layers))
+    for t in range(1, 5):
+        drive(layers, t)
+        alloc.step()
+    drive(layers, 5)
+    with CountOps() as counter:
+        a = alloc.step()
+    assert a.phase == "budget" and a.masked and a.threshold is not None
+    return sum(counter.ops.values()), counter.ops, len(layers)
+
+
+def test_op_count_of_a_step_does_not_grow_with_depth():
+    n2, ops2, m2 = ops_of_one_masking_step(2)
+    n12, ops12, m12 = ops_of_one_masking_step(12)
+    print(f"\naten ops per masking step: {n2} with {m2} adapters (2 layers), {n12} with {m12} adapters (12 layers)")
+    print("ops:", dict(sorted(ops2.items())))
+    assert (m2, m12) == (11, 61)
+    assert ops2 == ops12 and n2 == n12

@@ -1,0 +1,124 @@
+"""adarank.export: the written PEFT LoRA adapter, loaded by PEFT itself, reproduces our logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+
+import adarank
+
+from conftest import BERT_TARGETS, GPT2_TARGETS, drive, make_batch, randomize_lams, tiny_bert, tiny_gpt2
+
+TOL = 1e-5  # max abs logit difference in fp32: the scale is folded into B, so only rounding differs
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def export_and_load(model, base, tmp_path, **kw):
+    ranks = adarank.export_peft(model, str(tmp_path), **kw)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    return ranks, cfg, loaded
+
+
+def assert_reproduces(model, loaded, base, batch):
+    ours = logits(model, batch)
+    assert (ours - logits(base, batch)).abs().max() > 100 * TOL  # the adapters matter
+    assert (logits(loaded, batch) - ours).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_svd_with_pruned_modules(tmp_path, rslora):
+    base = tiny_bert()
+    model = copy.deepcopy(base)
+    torch.manual_seed(1)
+    adarank.inject(model, "svd", r=4, alpha=8.0, targets=BERT_TARGETS, rslora=rslora)
+    randomize_lams(model, std=3.0)
+    layers = dict(adarank.svd_adapters(model))
+    names = list(layers)
+    with torch.no_grad():
+        layers[names[0]].lam.zero_()  # pruned to rank 0
+        layers[names[4]].lam.zero_()
+        layers[names[7]].lam[[0, 2]] = 0.0  # partly pruned: rank 2
+    ranks, cfg, loaded = export_and_load(model, base, tmp_path)
+    expected = {n: 4 for n in names} | {names[0]: 0, names[4]: 0, names[7]: 2}
+    assert ranks == expected
+    kept = sorted(n for n, r in expected.items() if r > 0)
+    assert cfg["target_modules"] == kept and names[0] not in cfg["target_modules"]
+    esc = {n.replace(".", "\\."): r for n, r in expected.items() if r > 0}
+    assert cfg["rank_pattern"] == esc and cfg["alpha_pattern"] == esc  # α = r: PEFT scale 1
+    assert cfg["peft_type"] == "LORA" and cfg["use_rslora"] is False and cfg["fan_in_fan_out"] is False
+    # PEFT built exactly the exported ranks
+    for n in kept:
+        assert loaded.base_model.model.get_submodule(n).lora_A["default"].weight.shape == (expected[n], layers[n].in_features)
+    assert_reproduces(model, loaded, base, make_batch())
+
+
+def test_svd_after_allocation_and_shrink(tmp_path):
+    base = tiny_bert()
+    model = copy.deepcopy(base)
+    torch.manual_seed(1)
+    adarank.inject(model, "svd", r=4, alpha=8.0, targets=BERT_TARGETS)
+    randomize_lams(model, std=3.0)
+    layers = adarank.svd_adapters(model)
+    alloc = adarank.RankAllocator(layers, adarank.Schedule(total=3, t_init=0, t_final=1, delta_t=1), 15)
+    for t in (1, 2):
+        drive(layers, t)
+        alloc.step()
+    alloc.shrink()
+    ranks, cfg, loaded = export_and_load(model, base, tmp_path)
+    assert ranks == dict(zip(alloc.names, alloc.ranks().tolist())) and sum(ranks.values()) == 15
+    assert_reproduces(model, loaded, base, make_batch())
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_with_classifier_in_modules_to_save(tmp_path, rslora):
+    base = tiny_bert()
+    model = copy.deepcopy(base)
+    torch.manual_seed(2)
+    adarank.inject(model, "lora", r=3, alpha=6.0, targets=["query", "value"], rslora=rslora, train_modules=["classifier"])
+    with torch.no_grad():
+        for _, m in adarank.adapters(model):
+            m.lora_B.normal_(std=0.5)
+            assert m.scale == (6.0 / math.sqrt(3) if rslora else 2.0)
+        model.classifier.weight.normal_()  # the trained head differs from the base's
+        model.classifier.bias.normal_()
+    ranks, cfg, loaded = export_and_load(model, base, tmp_path, modules_to_save=["classifier"])
+    assert set(ranks.values()) == {3} and len(ranks) == 4
+    assert cfg["modules_to_save"] == ["classifier"]
+    assert set(cfg["rank_pattern"].values()) == {3} and cfg["use_rslora"] is False
+    batch = make_batch()
+    assert_reproduces(model, loaded, base, batch)
+    # without the head the logits are wrong: the test sees the classifier
+    plain = tmp_path / "no_head"
+    adarank.export_peft(model, str(plain))
+    headless = PeftModel.from_pretrained(copy.deepcopy(base), str(plain)).eval()
+    assert (logits(headless, batch) - logits(model, batch)).abs().max() > 0.1
+
+
+def test_gpt2_conv1d(tmp_path):
+    base = tiny_gpt2()
+    model = copy.deepcopy(base)
+    torch.manual_seed(3)
+    adarank.inject(model, "svd", r=4, alpha=8.0, targets=GPT2_TARGETS)
+    randomize_lams(model, std=3.0)
+    names = [n for n, _ in adarank.svd_adapters(model)]
+    assert len(names) == 6  # attn.c_attn, attn.c_proj, mlp.c_proj per layer
+    with torch.no_grad():
+        dict(adarank.svd_adapters(model))[names[1]].lam.zero_()
+    ranks, cfg, loaded = export_and_load(model, base, tmp_path)
+    assert cfg["fan_in_fan_out"] is True and names[1] not in cfg["target_modules"] and ranks[names[1]] == 0
+    assert_reproduces(model, loaded, base, make_batch())
+
+
+def test_export_rejects_other_modules():
+    with pytest.raises(TypeError, match="not an adarank adapter"):
+        adarank.export.peft_factors(torch.nn.Linear(2, 2))
