@@ -172,6 +172,10 @@ class RankAllocator:
         if k <= 0:  # PEFT crashes here (kthvalue k out of range, peft#2337); we keep everything
             self.mask.fill_(True)
             threshold = None
+        elif self.ema_ipt is None and self.score != "magnitude":
+            # No importance measured yet (e.g. the only step so far was skipped by the fp16 scaler):
+            # all-zero scores would tie and prune everything, so the mask stays as it is.
+            threshold = None
         else:
             scores = self.triplet_scores()
             threshold = torch.kthvalue(scores, k).values

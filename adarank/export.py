@@ -62,12 +62,22 @@ def export_peft(
     mods = dict(model.named_modules())
     saved: list[str] = []
     for suffix in modules_to_save:
-        for n, m in mods.items():
-            if n == suffix or n.endswith("." + suffix):
-                saved.append(suffix)
-                for pn, p in m.named_parameters():
-                    tensors[f"base_model.model.{n}.{pn}"] = p.detach().float().contiguous()
+        hits = [n for n in mods if n and (n == suffix or n.endswith("." + suffix))]
+        if not hits:
+            raise ValueError(f"export_peft: modules_to_save entry {suffix!r} matches no module")
+        saved.append(suffix)
+        for n in hits:
+            for pn, p in mods[n].named_parameters():
+                tensors[f"base_model.model.{n}.{pn}"] = p.detach().float().contiguous()
     kept = {n: r for n, r in ranks.items() if r > 0}
+    if not kept and ranks:
+        # Every adapter is at rank 0 (e.g. an untrained SVD model, λ = 0). PEFT cannot load an adapter
+        # with no target, so write one rank-1 module with B = 0: it loads and changes nothing.
+        name, layer = adapters(model)[0]
+        kept[name] = 1
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(1, layer.in_features)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(layer.out_features, 1)
+        fan_in_fan_out |= layer.transposed
     # PEFT matches a target_modules list entry by equality or dotted suffix, and rank/alpha patterns by
     # regex against the name's dotted suffixes; escaped full names keep every pattern unambiguous.
     config = {

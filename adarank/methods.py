@@ -6,6 +6,7 @@ AdaLoRA are built here too, so every method runs inside the same training loop.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -18,9 +19,9 @@ from .inject import ParamReport, find_targets, inject, param_report, svd_adapter
 from .layers import base_dims
 from .models import DTYPES
 from .orth import orth_penalty
-from .schedule import Schedule, make_schedule, resolve_budget
+from .schedule import Budget, Schedule, make_schedule, resolve_budget
 
-__all__ = ["Adapted", "apply_method", "build_allocator", "PeftAllocator"]
+__all__ = ["Adapted", "apply_method", "build_allocator", "method_budget", "method_schedule", "PeftAllocator"]
 
 
 @dataclass
@@ -49,8 +50,7 @@ def apply_method(model: nn.Module, m: MethodConfig, mc: ModelConfig) -> Adapted:
     if m.name in ("lora", "rslora"):
         rep = inject(model, "lora", m.r, m.alpha, targets, m.target_regex, m.dropout, m.rslora or m.name == "rslora", train_modules, dtype)
         return Adapted(model, rep, m.name, targets=names)
-    shapes = [base_dims(model.get_submodule(n)) for n in names]
-    budget = resolve_budget(shapes, None if _explicit_target(m) else m.r, m.target_total_rank, m.target_params, m.init_rank, m.init_ratio)
+    budget = method_budget(model, m, names)
     if m.name == "adalora":
         rep = inject(model, "svd", budget.init_rank, m.alpha, targets, m.target_regex, m.dropout, m.rslora, train_modules, dtype)
         layers = [layer for _, layer in svd_adapters(model)]
@@ -61,6 +61,42 @@ def apply_method(model: nn.Module, m: MethodConfig, mc: ModelConfig) -> Adapted:
 
 def _explicit_target(m: MethodConfig) -> bool:
     return m.target_total_rank is not None or m.target_params is not None
+
+
+@contextmanager
+def _method_fields():
+    """The schedule and budget functions name their arguments `allocator.*`; here those are `method.*` fields."""
+    try:
+        yield
+    except ValueError as e:
+        msg = str(e).replace("allocator.target_rank", "method.r").replace("allocator.", "method.")
+        raise ValueError(msg) from None
+
+
+def method_budget(model: nn.Module, m: MethodConfig, names: list[str]) -> Budget:
+    """The adaptive methods' initial rank and budgets for the adapted modules `names` of `model`."""
+    shapes = [base_dims(model.get_submodule(n)) for n in names]
+    with _method_fields():
+        return resolve_budget(shapes, None if _explicit_target(m) else m.r, m.target_total_rank, m.target_params, m.init_rank, m.init_ratio)
+
+
+def method_schedule(m: MethodConfig, total_steps: int) -> Schedule:
+    """The budget schedule over T = `total_steps`, checked to leave a budgeting phase.
+
+    The final allocation (t = T - t_f) does not update importance, so at least one budgeting step must
+    come before it; otherwise every score is 0 and the final mask prunes all triplets instead of
+    keeping the target budget.
+    """
+    with _method_fields():
+        sch = make_schedule(total_steps, m.init_frac, m.final_frac, m.delta_t)
+    end = sch.total - sch.t_final
+    if end - sch.t_init < 2:
+        raise ValueError(
+            f"train.max_steps: T={total_steps} optimizer steps leave no budgeting phase for {m.name} "
+            f"(t_i={sch.t_init}, t_f={sch.t_final}: the final allocation at step {end} would come before any "
+            "budgeting step); train longer (train.max_steps, train.epochs) or lower method.init_frac/method.final_frac"
+        )
+    return sch
 
 
 def _apply_peft(model: nn.Module, m: MethodConfig, names: list[str], train_modules: list[str], init_rank: int, target_total: int) -> Adapted:
@@ -87,7 +123,7 @@ def build_allocator(a: Adapted, m: MethodConfig, total_steps: int):
     """The allocator for adaptive methods (None otherwise), with phases resolved from T."""
     if a.method not in ("adalora", "peft_adalora"):
         return None
-    sch = make_schedule(total_steps, m.init_frac, m.final_frac, m.delta_t)
+    sch = method_schedule(m, total_steps)
     if a.method == "adalora":
         return RankAllocator(svd_adapters(a.model), sch, a.target_total, m.beta1, m.beta2, m.score)
     return PeftAllocator(a.model, sch)

@@ -13,13 +13,17 @@ import re
 import sys
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .config import Config, register
 
 CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "conf"))
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+#: What a user mistake raises: composition, type and value checks, missing files.
+USER_ERRORS = (HydraException, OmegaConfBaseException, ValueError, OSError, KeyError)
 
 register()
 
@@ -59,19 +63,20 @@ def _variants(overrides: list[str]) -> list[list[str]] | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = []
+    by_key: dict[str, list[str]] = {}  # a later override of a key replaces it in place, as in Hydra's sweeper
     for o in parsed:
-        if o.get_key_element().lstrip("+~").startswith("hydra"):
+        key = o.get_key_element()
+        if key.lstrip("+~").startswith("hydra"):
             continue
         if o.is_sweep_override():
             try:
                 vals = list(o.sweep_string_iterator())
             except Exception:
                 return None  # glob() and friends: Hydra resolves them itself
-            key = o.get_key_element()
-            choices.append([f"{key}={v}" for v in vals])
+            by_key[key] = [f"{key}={v}" for v in vals]
         else:
-            choices.append([o.input_line])
+            by_key[key] = [o.input_line]
+    choices = list(by_key.values())
     first = [c[0] for c in choices]
     out = [first]
     for i, c in enumerate(choices):
@@ -80,8 +85,22 @@ def _variants(overrides: list[str]) -> list[list[str]] | None:
     return out
 
 
+def _sweeper_params(overrides: list[str]) -> list[str]:
+    """The `hydra.sweeper.params` of the composed config (an experiment's sweep) as overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    params = OmegaConf.select(hcfg, "hydra.sweeper.params") or {}
+    return [f"{k}={v}" for k, v in params.items()]
+
+
 def prevalidate(argv: list[str]) -> str | None:
-    """Compose and type-check the config for these command-line overrides; None when fine."""
+    """Compose and type-check the config for these command-line overrides; None when fine.
+
+    A multirun also checks every value of the experiment's `hydra.sweeper.params`, so a bad sweep value
+    fails here rather than in the middle of the sweep.
+    """
     from hydra import compose, initialize_config_dir
 
     flags = [a for a in argv if a.startswith("-")]
@@ -92,11 +111,15 @@ def prevalidate(argv: list[str]) -> str | None:
         variants = _variants(overrides)
         if variants is None:
             return None
+        if flags:  # the command line's values win over the experiment's, as in Hydra's basic sweeper
+            variants = _variants(_sweeper_params(variants[0]) + overrides)
+            if variants is None:
+                return None
         for ov in variants:
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
                 cfg = to_config(compose(config_name="config", overrides=ov))
             preflight(cfg)
-    except Exception as e:  # every composition or validation failure is a user error here
+    except USER_ERRORS as e:  # composition and validation failures; anything else is a bug
         return one_line(e)
     return None
 
@@ -105,11 +128,12 @@ def preflight(cfg: Config) -> int:
     """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
     from .data import get_task, load_task
     from .inject import find_targets, unfreeze
+    from .methods import method_budget, method_schedule
     from .models import resolve_path
-    from .schedule import make_schedule, resolve_budget
-    from .train import total_steps
+    from .train import pick_device, total_steps
 
     get_task(cfg.task.name)
+    pick_device(cfg.train.device)
     if cfg.data.dir is not None and not os.path.isdir(os.path.expanduser(cfg.data.dir)):
         raise FileNotFoundError(f"data.dir: {cfg.data.dir} is not a directory")
     data = load_task(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
@@ -118,16 +142,15 @@ def preflight(cfg: Config) -> int:
     model = _meta_model(cfg, data.task.num_labels)
     m = cfg.method
     if m.name != "full":
-        from .layers import base_dims
-
         targets = list(m.targets) if m.targets is not None else list(cfg.model.targets)
         names = find_targets(model, targets, m.target_regex)
-        unfreeze(model, cfg.model.train_modules)
+        try:
+            unfreeze(model, cfg.model.train_modules)
+        except ValueError as e:  # inject names its argument; the field users set is model.train_modules
+            raise ValueError(str(e).replace("method.train_modules", "model.train_modules")) from None
         if m.adaptive:
-            shapes = [base_dims(model.get_submodule(n)) for n in names]
-            explicit = m.target_total_rank is not None or m.target_params is not None
-            resolve_budget(shapes, None if explicit else m.r, m.target_total_rank, m.target_params, m.init_rank, m.init_ratio)
-            make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
+            method_budget(model, m, names)
+            method_schedule(m, T)
     resolve_path(cfg.model.tokenizer or ("minilm" if cfg.model.name_or_path == "random" else cfg.model.name_or_path))
     return T
 
@@ -171,7 +194,7 @@ def _app(dcfg: DictConfig) -> float | None:
         cfg = to_config(dcfg)
         check_out_dir(out_dir, cfg)
         preflight(cfg)
-    except (ValueError, OSError, KeyError) as e:
+    except USER_ERRORS as e:
         print(f"adarank: error: {one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     try:
@@ -195,8 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     if err is not None:
         print(f"adarank: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    sys.argv = [sys.argv[0]] + argv
-    _app()
+    saved, sys.argv = sys.argv, [sys.argv[0]] + argv  # hydra.main reads sys.argv
+    try:
+        _app()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -194,12 +194,31 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         tracker.log({f"eval/{k}": v for k, v in res.items()}, step)
         return res
 
+    last_ckpt = start_step if state is not None else None  # step of the checkpoint on disk
+
+    def diverged(what: str) -> TrainingDiverged:
+        kept = (
+            f"The last good checkpoint (step {last_ckpt}) is kept in {os.path.join(out_dir, ckpt.CKPT_NAME)}"
+            if last_ckpt is not None else "No checkpoint had been written yet"
+        )
+        return TrainingDiverged(f"{what} at step {step}; stopped. {kept}")
+
     def save_checkpoint(step: int) -> None:
+        nonlocal last_ckpt
+        # Never replace a good checkpoint with a diverged one: the loss of the steps since the last log,
+        # and the weights themselves (one step can overflow them while its loss was still finite).
+        if loss_n and not torch.isfinite(loss_sum).item():
+            raise diverged("loss is not finite")
+        weights = ckpt.trainable_state(model)
+        if not all(torch.isfinite(v).all() for v in weights.values()):
+            raise diverged("trainable weights are not finite")
         ckpt.save(out_dir, {
-            "model": ckpt.trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "allocator": allocator.state_dict() if allocator is not None else None,
             "rng": ckpt.rng_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history,
+            "loss_sum": loss_sum.item(), "loss_n": loss_n,  # the loss logged next averages over the same steps
         })
+        last_ckpt = step
 
     # ---- the loop ------------------------------------------------------------------------------
     model.train()
@@ -209,84 +228,87 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=T, initial=step, desc=f"{m.name} {cfg.task.name}", dynamic_ncols=True, file=sys.stderr)
-    loss_sum = torch.zeros((), device=device)
-    loss_n = 0
+    # torch.tensor(float) restores a float32 sum exactly
+    loss_sum = torch.tensor(state.get("loss_sum", 0.0) if state is not None else 0.0, device=device)
+    loss_n = state.get("loss_n", 0) if state is not None else 0
     alloc_res = None
-    while step < T:
-        train_batches.set_epoch(epoch, batch_in_epoch)
-        micro = 0
-        for batch in train_batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = fwd(**batch).loss
-                if adapted.regularizer is not None:
-                    loss = loss + adapted.regularizer()
-            scaler.scale(loss / tc.grad_accum).backward()
-            loss_sum += loss.detach().float()
-            loss_n += 1
-            batch_in_epoch += 1
-            micro += 1
-            if micro % tc.grad_accum and batch_in_epoch < len(train_batches):
-                continue
-            # ---- one optimizer step ----
-            scaler.unscale_(opt)  # the allocator and clipping see true gradients
-            if tc.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
-            scaler.step(opt)
-            scaler.update()
-            skipped = scale_before is not None and scaler.get_scale() < scale_before
-            sched.step()
-            step += 1
-            if allocator is not None:
-                alloc_res = allocator.step(update_importance=not skipped)
-                history["budget_curve"].append([step, alloc_res.budget])
-                if alloc_res.phase == "final" and m.shrink and m.name == "adalora" and not allocator.shrunk:
-                    allocator.shrink(opt)
-                    params = [p for p in model.parameters() if p.requires_grad]
-            opt.zero_grad(set_to_none=True)
+    try:
+        while step < T:
+            train_batches.set_epoch(epoch, batch_in_epoch)
+            micro = 0
+            for batch in train_batches:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss = fwd(**batch).loss
+                    if adapted.regularizer is not None:
+                        loss = loss + adapted.regularizer()
+                scaler.scale(loss / tc.grad_accum).backward()
+                loss_sum += loss.detach().float()
+                loss_n += 1
+                batch_in_epoch += 1
+                micro += 1
+                if micro % tc.grad_accum and batch_in_epoch < len(train_batches):
+                    continue
+                # ---- one optimizer step ----
+                scaler.unscale_(opt)  # the allocator and clipping see true gradients
+                if tc.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                scale_before = scaler.get_scale() if scaler.is_enabled() else None
+                scaler.step(opt)
+                scaler.update()
+                skipped = scale_before is not None and scaler.get_scale() < scale_before
+                sched.step()
+                step += 1
+                if allocator is not None:
+                    alloc_res = allocator.step(update_importance=not skipped)
+                    history["budget_curve"].append([step, alloc_res.budget])
+                    if alloc_res.phase == "final" and m.shrink and m.name == "adalora" and not allocator.shrunk:
+                        allocator.shrink(opt)
+                        params = [p for p in model.parameters() if p.requires_grad]
+                opt.zero_grad(set_to_none=True)
 
-            if step % tc.log_every == 0 or step == T:
-                mean_loss = (loss_sum / max(loss_n, 1)).item()
-                if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(
-                        f"loss is {mean_loss} at step {step}; stopped. The last good checkpoint is kept in {out_dir}"
-                    )
-                scalars: dict[str, float] = {"train/loss": mean_loss, "train/lr": sched.get_last_lr()[0], "train/epoch": epoch}
-                norms = {k: float(v) for k, v in adapter_norms(model).items()}
-                scalars.update({f"norm/{k}": v for k, v in norms.items()})
-                for msg in watch.check(norms, epoch):
-                    log("WARNING: " + msg)
-                if alloc_res is not None:
-                    scalars["alloc/budget"] = alloc_res.budget
-                    if alloc_res.threshold is not None:
-                        scalars["alloc/threshold"] = float(alloc_res.threshold)
-                    scalars.update({f"rank/{k}": v for k, v in alloc_res.rank_dict().items()})
-                tracker.log(scalars, step)
-                if bar is not None:
-                    post = {"loss": f"{mean_loss:.4f}"}
+                if step % tc.log_every == 0 or step == T:
+                    mean_loss = (loss_sum / max(loss_n, 1)).item()
+                    if not math.isfinite(mean_loss):
+                        raise diverged(f"loss is {mean_loss}")
+                    scalars: dict[str, float] = {"train/loss": mean_loss, "train/lr": sched.get_last_lr()[0], "train/epoch": epoch}
+                    norms = {k: float(v) for k, v in adapter_norms(model).items()}
+                    scalars.update({f"norm/{k}": v for k, v in norms.items()})
+                    for msg in watch.check(norms, epoch):
+                        log("WARNING: " + msg)
                     if alloc_res is not None:
-                        post["budget"] = alloc_res.budget
-                    bar.set_postfix(post)
-                loss_sum.zero_()
-                loss_n = 0
-            if bar is not None:
-                bar.update(1)
-            done = step >= T
-            if step % eval_every == 0 or done:
-                res = run_eval(step)
-                log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))
-            if step % ckpt_every == 0 and not done:
-                _check_finite(loss_sum, loss_n, step, out_dir)
-                save_checkpoint(step)  # at an optimizer-step boundary, so resuming re-enters the loop exactly
-            if done:
+                        scalars["alloc/budget"] = alloc_res.budget
+                        if alloc_res.threshold is not None:
+                            scalars["alloc/threshold"] = float(alloc_res.threshold)
+                        scalars.update({f"rank/{k}": v for k, v in alloc_res.rank_dict().items()})
+                    tracker.log(scalars, step)
+                    if bar is not None:
+                        post = {"loss": f"{mean_loss:.4f}"}
+                        if alloc_res is not None:
+                            post["budget"] = alloc_res.budget
+                        bar.set_postfix(post)
+                    loss_sum.zero_()
+                    loss_n = 0
+                if bar is not None:
+                    bar.update(1)
+                done = step >= T
+                if step % eval_every == 0 or done:
+                    res = run_eval(step)
+                    log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))
+                if step % ckpt_every == 0 and not done:
+                    save_checkpoint(step)  # at an optimizer-step boundary, so resuming re-enters the loop exactly
+                if done:
+                    break
+            if step >= T:
                 break
-        if step >= T:
-            break
-        epoch += 1
-        batch_in_epoch = 0
-    if bar is not None:
-        bar.close()
+            epoch += 1
+            batch_in_epoch = 0
+    except BaseException:  # a crash or a kill: close the W&B run as failed, keep the checkpoint
+        tracker.finish(exit_code=1)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
 
     # ---- results -------------------------------------------------------------------------------
     final = history["evals"][-1] if history["evals"] and history["evals"][-1]["step"] == step else run_eval(step)
@@ -322,11 +344,6 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     if os.path.exists(ck):
         os.remove(ck)  # the run finished: results.json is the record, the checkpoint is obsolete
     return results
-
-
-def _check_finite(loss_sum: torch.Tensor, n: int, step: int, out_dir: str) -> None:
-    if n and not torch.isfinite(loss_sum).item():
-        raise TrainingDiverged(f"loss is not finite at step {step}; stopped. The last good checkpoint is kept in {out_dir}")
 
 
 def _plain(cfg: Config) -> dict[str, Any]:

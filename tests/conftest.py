@@ -6,8 +6,6 @@ copy is wrapped by PEFT and one by adarank, and the tests compare them.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -27,14 +25,14 @@ GPT2_TARGETS = ["c_attn", "c_proj"]
 VOCAB = 50
 
 
-def tiny_bert(layers: int = 2, seed: int = 0, hidden: int = 16, intermediate: int = 32) -> BertForSequenceClassification:
+def tiny_bert(layers: int = 2, seed: int = 0) -> BertForSequenceClassification:
     """BERT with vocab 50, hidden 16, 2 heads, intermediate 32, 2 labels, no dropout, eval mode."""
     cfg = BertConfig(
         vocab_size=VOCAB,
-        hidden_size=hidden,
+        hidden_size=16,
         num_hidden_layers=layers,
         num_attention_heads=2,
-        intermediate_size=intermediate,
+        intermediate_size=32,
         max_position_embeddings=32,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
@@ -47,28 +45,11 @@ def tiny_bert(layers: int = 2, seed: int = 0, hidden: int = 16, intermediate: in
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     """GPT-2 (Conv1D projections) with vocab 50, width 16, 2 layers, 2 heads, no dropout, eval mode."""
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(cfg).eval()
-
-
-class TinyMLP(nn.Module):
-    """10 → 20 → 2, as in PEFT's custom-model tests."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(10, 20)
-        self.act = nn.ReLU()
-        self.lin1 = nn.Linear(20, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin1(self.act(self.lin0(x)))
-
-
-def tiny_mlp(seed: int = 0) -> TinyMLP:
-    torch.manual_seed(seed)
-    return TinyMLP().eval()
 
 
 def make_batch(n: int = 4, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -105,7 +86,8 @@ def drive(layers, t: int, scale: float = 0.05, skip: tuple[str, ...] = ()) -> No
     for name, m in layers:
         for role in ("P", "lam", "Q"):
             p = getattr(m, role)
-            delta, grad = torch.randn(p.shape, generator=g) * scale, torch.randn(p.shape, generator=g)
+            delta = (torch.randn(p.shape, generator=g) * scale).to(p.dtype)
+            grad = torch.randn(p.shape, generator=g).to(p.dtype)
             if name in skip:
                 p.grad = None
                 continue
@@ -124,16 +106,5 @@ def gpt2() -> GPT2LMHeadModel:
 
 
 @pytest.fixture
-def mlp() -> TinyMLP:
-    return tiny_mlp()
-
-
-@pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     return make_batch()
-
-
-@pytest.fixture
-def clone():
-    """copy.deepcopy, as a fixture so tests read `clone(model)`."""
-    return copy.deepcopy

@@ -12,7 +12,7 @@ from peft import PeftModel
 
 import adarank
 
-from conftest import BERT_TARGETS, GPT2_TARGETS, drive, make_batch, randomize_lams, tiny_bert, tiny_gpt2
+from conftest import BERT_TARGETS, GPT2_TARGETS, drive, make_batch, randomize_lams, tiny_bert
 
 TOL = 1e-5  # max abs logit difference in fp32: the scale is folded into B, so only rounding differs
 
@@ -58,7 +58,8 @@ def test_svd_with_pruned_modules(tmp_path, rslora):
     assert cfg["peft_type"] == "LORA" and cfg["use_rslora"] is False and cfg["fan_in_fan_out"] is False
     # PEFT built exactly the exported ranks
     for n in kept:
-        assert loaded.base_model.model.get_submodule(n).lora_A["default"].weight.shape == (expected[n], layers[n].in_features)
+        lora_A = loaded.base_model.model.get_submodule(n).lora_A["default"].weight
+        assert lora_A.shape == (expected[n], layers[n].in_features)
     assert_reproduces(model, loaded, base, make_batch())
 
 
@@ -84,7 +85,9 @@ def test_lora_with_classifier_in_modules_to_save(tmp_path, rslora):
     base = tiny_bert()
     model = copy.deepcopy(base)
     torch.manual_seed(2)
-    adarank.inject(model, "lora", r=3, alpha=6.0, targets=["query", "value"], rslora=rslora, train_modules=["classifier"])
+    adarank.inject(
+        model, "lora", r=3, alpha=6.0, targets=["query", "value"], rslora=rslora, train_modules=["classifier"]
+    )
     with torch.no_grad():
         for _, m in adarank.adapters(model):
             m.lora_B.normal_(std=0.5)
@@ -104,8 +107,8 @@ def test_lora_with_classifier_in_modules_to_save(tmp_path, rslora):
     assert (logits(headless, batch) - logits(model, batch)).abs().max() > 0.1
 
 
-def test_gpt2_conv1d(tmp_path):
-    base = tiny_gpt2()
+def test_gpt2_conv1d(tmp_path, gpt2):
+    base = gpt2
     model = copy.deepcopy(base)
     torch.manual_seed(3)
     adarank.inject(model, "svd", r=4, alpha=8.0, targets=GPT2_TARGETS)
@@ -122,3 +125,23 @@ def test_gpt2_conv1d(tmp_path):
 def test_export_rejects_other_modules():
     with pytest.raises(TypeError, match="not an adarank adapter"):
         adarank.export.peft_factors(torch.nn.Linear(2, 2))
+
+
+def test_export_of_untrained_svd_model_is_loadable_or_refused(tmp_path):
+    base = tiny_bert()
+    model = copy.deepcopy(base)
+    adarank.inject(model, "svd", r=4, alpha=8.0, targets=BERT_TARGETS)
+    try:
+        adarank.export_peft(model, str(tmp_path))
+    except ValueError:
+        return  # a clear refusal is fine too
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    batch = make_batch()
+    torch.testing.assert_close(logits(loaded, batch), logits(base, batch), rtol=0, atol=TOL)
+
+
+def test_modules_to_save_that_matches_nothing_raises(tmp_path):
+    model = tiny_bert()
+    adarank.inject(model, "lora", r=2, alpha=2.0, targets=["query"], train_modules=["classifier"])
+    with pytest.raises(ValueError, match="modules_to_save"):
+        adarank.export_peft(model, str(tmp_path), modules_to_save=["clasifier"])

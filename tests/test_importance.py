@@ -73,12 +73,16 @@ def test_element_score():
 def test_triplet_score_is_lam_plus_row_mean_of_q_plus_column_mean_of_p():
     g = torch.Generator().manual_seed(9)
     G, out_f, r, in_f = 3, 5, 4, 6
-    s_lam, s_P, s_Q = torch.rand(G, r, generator=g), torch.rand(G, out_f, r, generator=g), torch.rand(G, r, in_f, generator=g)
+    s_lam = torch.rand(G, r, generator=g)
+    s_P = torch.rand(G, out_f, r, generator=g)
+    s_Q = torch.rand(G, r, in_f, generator=g)
     got = imp.triplet_score(s_lam, s_P, s_Q)
     assert got.shape == (G, r)
     for m in range(G):
         for i in range(r):
-            expected = s_lam[m, i] + sum(s_Q[m, i, j] for j in range(in_f)) / in_f + sum(s_P[m, j, i] for j in range(out_f)) / out_f
+            row_q = sum(s_Q[m, i, j] for j in range(in_f)) / in_f
+            col_p = sum(s_P[m, j, i] for j in range(out_f)) / out_f
+            expected = s_lam[m, i] + row_q + col_p
             assert got[m, i].item() == pytest.approx(expected.item(), rel=1e-6)
 
 

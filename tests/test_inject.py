@@ -20,25 +20,25 @@ L1 = "bert.encoder.layer.1."
     [
         (["query"], None, [L0 + "attention.self.query", L1 + "attention.self.query"]),
         # a suffix matches at a dot: "dense" hits every *.dense but not "classifier"
-        (["output.dense"], None, [L0 + "attention.output.dense", L0 + "output.dense", L1 + "attention.output.dense", L1 + "output.dense"]),
-        (["self.query", "value"], None, [L0 + "attention.self.query", L0 + "attention.self.value", L1 + "attention.self.query", L1 + "attention.self.value"]),
+        (["output.dense"], None, [p + s for p in (L0, L1) for s in ("attention.output.dense", "output.dense")]),
+        (["self.query", "value"], None, [p + "attention.self." + s for p in (L0, L1) for s in ("query", "value")]),
         (["bert.pooler.dense"], None, ["bert.pooler.dense"]),
         (None, r".*layer\.1\.attention\.self\.(query|key)", [L1 + "attention.self.query", L1 + "attention.self.key"]),
         # suffixes and a regex together: the union
         (["classifier"], r".*\.0\..*intermediate\.dense", [L0 + "intermediate.dense", "classifier"]),
     ],
 )
-def test_find_targets(targets, regex, expected):
-    got = find_targets(tiny_bert(), targets, regex)
-    assert got == [n for n in linear_names(tiny_bert()) if n in expected]  # model order
+def test_find_targets(bert, targets, regex, expected):
+    got = find_targets(bert, targets, regex)
+    assert got == [n for n in linear_names(bert) if n in expected]  # model order
     assert sorted(got) == sorted(expected)
 
 
-def test_suffix_does_not_match_inside_a_name():
-    names = find_targets(tiny_bert(), ["dense"])
+def test_suffix_does_not_match_inside_a_name(bert):
+    names = find_targets(bert, ["dense"])
     assert len(names) == 7 and all(n.split(".")[-1] == "dense" for n in names)
     with pytest.raises(ValueError, match="method.targets: 'uery' matches no linear layer"):
-        find_targets(tiny_bert(), ["uery"])
+        find_targets(bert, ["uery"])
 
 
 @pytest.mark.parametrize(
@@ -50,8 +50,8 @@ def test_suffix_does_not_match_inside_a_name():
         ({"regex": r".*\.nope"}, "method.target_regex"),
     ],
 )
-def test_no_match_names_the_field_and_lists_linear_layers(kwargs, field):
-    model = tiny_bert()
+def test_no_match_names_the_field_and_lists_linear_layers(bert, kwargs, field):
+    model = bert
     with pytest.raises(ValueError) as e:
         adarank.inject(model, "svd", r=2, alpha=2, **kwargs)
     msg = str(e.value)
@@ -74,8 +74,8 @@ def test_invalid_regex_unknown_kind_and_no_targets_raise():
 
 
 @pytest.mark.parametrize("kind,cls,extra", [("lora", LoraLinear, 0), ("svd", SVDLinear, 1)])
-def test_freezing_and_param_report(kind, cls, extra):
-    model = tiny_bert()
+def test_freezing_and_param_report(bert, kind, cls, extra):
+    model = bert
     base_total = sum(p.numel() for p in model.parameters())
     r = 3
     rep = adarank.inject(model, kind, r=r, alpha=6, targets=["query", "value", "dense"], train_modules=["classifier"])
@@ -102,8 +102,8 @@ def test_params_by_shape_pinned():
     assert rep.base == 6130
 
 
-def test_injected_model_still_runs_and_only_adapters_get_grads(batch):
-    model = tiny_bert()
+def test_injected_model_still_runs_and_only_adapters_get_grads(bert, batch):
+    model = bert
     adarank.inject(model, "svd", r=2, alpha=2, regex=r".*attention\.self\.(query|value)")
     with torch.no_grad():
         for _, m in adarank.svd_adapters(model):

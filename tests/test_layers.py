@@ -94,6 +94,17 @@ def test_fresh_adapter_computes_the_base_function(cls, kind):
     assert base_dims(base) == (IN, OUT) == (layer.in_features, layer.out_features)
 
 
+def test_lora_init_like_peft():
+    """B = 0 and A ~ Kaiming-uniform(a=√5), i.e. U(−1/√in, 1/√in)."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(400, 30), r=16, alpha=16.0)
+    assert layer.lora_A.shape == (16, 400) and layer.lora_B.shape == (30, 16)
+    assert torch.equal(layer.lora_B, torch.zeros(30, 16))
+    bound = 1 / math.sqrt(400)
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.99 * bound
+    assert abs(layer.lora_A.std().item() - bound / math.sqrt(3)) < 0.03 * bound
+
+
 def test_svd_init_statistics():
     torch.manual_seed(0)
     layer = SVDLinear(nn.Linear(300, 200), r=64, alpha=64.0)

@@ -118,7 +118,8 @@ def test_rank_zero_and_mixed_ranks_after_shrink():
     norms = loop_norms(live)
     mean = adarank.orth_penalty(mods, "mean_norm")
     torch.testing.assert_close(mean.double(), sum(norms) / (2 * len(mods)), rtol=1e-6, atol=0)
-    torch.testing.assert_close(adarank.orth_penalty(mods, "sum_sq").double(), sum(n**2 for n in norms), rtol=1e-6, atol=0)
+    sum_sq = adarank.orth_penalty(mods, "sum_sq")
+    torch.testing.assert_close(sum_sq.double(), sum(n**2 for n in norms), rtol=1e-6, atol=0)
     mean.backward()
     assert mods[2].P.grad is None
     assert adarank.orth_penalty([mods[2]]).item() == 0.0

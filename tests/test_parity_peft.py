@@ -241,7 +241,9 @@ def test_rslora_scale_is_the_only_difference():
     ignored = Pair(sch, alpha=alpha)
     ignored.peft = get_peft_model(
         copy.deepcopy(ignored.base),
-        AdaLoraConfig(init_r=r, target_r=2, lora_alpha=alpha, use_rslora=True, total_step=10, target_modules=BERT_TARGETS),
+        AdaLoraConfig(
+            init_r=r, target_r=2, lora_alpha=alpha, use_rslora=True, total_step=10, target_modules=BERT_TARGETS
+        ),
     )
     assert {m.scale for _, m in mine.layers} == {alpha / math.sqrt(r)} == {alpha * math.sqrt(r) / r}
     assert {m.scale for _, m in ignored.layers} == {alpha / r}

@@ -32,7 +32,7 @@ def test_shrink_keeps_logits_and_slices_adamw_state():
     assert alloc.frozen
     masks = [mk.clone() for mk in alloc.module_masks()]
     old = {(n, role): getattr(m, role) for n, m in layers for role in ("P", "lam", "Q")}
-    old_state = {k: {s: v.clone() if torch.is_tensor(v) else v for s, v in opt.state[p].items()} for k, p in old.items()}
+    old_state = {k: {s: v.clone() for s, v in opt.state[p].items()} for k, p in old.items()}
     with torch.no_grad():
         before = model(**batch).logits
     alloc.shrink(opt)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import json
 import os
 import platform
 import sys
@@ -44,6 +45,9 @@ BUDGET_STEPS = 10_000
 
 VARIANTS = ("floor", "peft_lora", "peft_adalora", "lora", "rslora", "adalora", "adalora_final")
 COMPILABLE = ("lora", "rslora", "adalora", "adalora_final")  # ours; the allocator itself stays eager
+#: what --compile adds. rslora+compile differs from lora+compile only in a constant, so it would cost a
+#: full compilation to learn nothing; ask for it by name.
+COMPILE_DEFAULT = ("lora", "adalora", "adalora_final")
 
 
 # ---- workloads ----------------------------------------------------------------------------------
@@ -73,7 +77,8 @@ class Workload:
             )
         from transformers import LlamaConfig
 
-        return LlamaConfig(**size, max_position_embeddings=2048, tie_word_embeddings=False)
+        # use_cache=False: training needs no KV cache (and filling one per layer defeats regional compile)
+        return LlamaConfig(**size, max_position_embeddings=2048, tie_word_embeddings=False, use_cache=False)
 
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -280,7 +285,7 @@ def time_allocator(rig: Rig, batch: dict, device: torch.device, n: int) -> dict[
     return {"alloc_call_ms": call_ms, "orth_ms": orth_ms, "alloc_ms": call_ms + (orth_ms or 0.0)}
 
 
-def profile_steps(rig: Rig, batch: dict, device: torch.device, n: int, path: str, title: str) -> dict[str, float]:
+def profile_steps(rig: Rig, batch: dict, device: torch.device, n: int, path: str, title: str) -> dict[str, float | None]:
     """Profile `n` steps; write the top ops to `path`; return kernel and host-sync counts per step."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -292,14 +297,17 @@ def profile_steps(rig: Rig, batch: dict, device: torch.device, n: int, path: str
             train_step(rig, batch, device.type)
         sync(device)
     events = prof.events()
-    counts = {
-        # kernels, memcpys and memsets that ran on the GPU
-        "gpu_ops_per_step": sum(e.device_type == DeviceType.CUDA for e in events) / n,
-        "kernel_launches_per_step": sum(e.name.startswith("cudaLaunchKernel") for e in events) / n,
-        # .item(), .tolist(), bool(tensor) on a GPU tensor: each blocks the host until the GPU catches up
-        "host_syncs_per_step": sum(e.name in ("aten::_local_scalar_dense", "cudaStreamSynchronize") for e in events) / n,
-        "aten_ops_per_step": sum(e.name.startswith("aten::") for e in events) / n,
-    }
+    counts: dict[str, float | None] = {"aten_ops_per_step": sum(e.name.startswith("aten::") for e in events) / n}
+    if cuda:  # on a CPU these would count nothing useful (.item() on a CPU tensor does not wait)
+        names = [e.name for e in events]
+        counts.update({
+            "gpu_ops_per_step": sum(e.device_type == DeviceType.CUDA for e in events) / n,  # kernels, memcpy, memset
+            "kernel_launches_per_step": sum(x.startswith("cudaLaunchKernel") for x in names) / n,
+            # .item(), .tolist(), bool(t), nonzero(): the host waits until the GPU catches up.
+            # The -1 is this function's own synchronize.
+            "host_syncs_per_step": (sum(x in ("cudaStreamSynchronize", "cudaDeviceSynchronize") for x in names) - 1) / n,
+            "item_calls_per_step": names.count("aten::_local_scalar_dense") / n,
+        })
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=40)
     head = f"# {title}: {n} profiled steps\n" + "".join(f"# {k}: {v:.1f}\n" for k, v in counts.items())
@@ -460,8 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 30; smoke 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; smoke 1)")
     p.add_argument("--alloc-steps", type=int, default=None,
-                   help="steps of the extra pass timing the allocator and orth penalty alone (default 20; smoke 2; 0: off)")
-    p.add_argument("--compile", action="store_true", help=f"also run {','.join(COMPILABLE)} under torch.compile")
+                   help="steps of the extra pass timing the allocator and orth penalty alone (default 15; smoke 2; 0: off)")
+    p.add_argument("--compile", action="store_true", help=f"also run {','.join(COMPILE_DEFAULT)} under torch.compile")
     p.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks",
                    help="blocks: compile each transformer block (fast to compile; default); model: the whole model")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: trace only, for tests)")
@@ -471,9 +479,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override every workload's batch, e.g. 4x1024")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; variants not started by then are recorded as skipped (default 420; smoke: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the measured variants already in --out; run only the missing, skipped or failed ones")
     p.add_argument("--smoke", action="store_true", help="tiny configs, CPU-friendly, a few steps")
     args = p.parse_args(argv)
-    defaults = dict(steps=3, warmup=1, alloc_steps=2, time_budget=0.0) if args.smoke else dict(steps=30, warmup=10, alloc_steps=20, time_budget=420.0)
+    defaults = dict(steps=3, warmup=1, alloc_steps=2, time_budget=0.0) if args.smoke else dict(steps=30, warmup=10, alloc_steps=15, time_budget=420.0)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -498,13 +508,50 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
     eager = [v for v in vs if not v.endswith("+compile")]
     comp = [v for v in vs if v.endswith("+compile")]
     if args.compile:
-        comp += [v + "+compile" for v in eager if v in COMPILABLE and v + "+compile" not in comp]
+        comp += [v + "+compile" for v in eager if v in COMPILE_DEFAULT and v + "+compile" not in comp]
     return [(w, v) for w in wls for v in eager] + [(w, v) for w in wls for v in comp]
+
+
+def workload_entry(wl: Workload, args: argparse.Namespace) -> dict:
+    cfg = wl.config(args.smoke)
+    b, s = args.batch or (SMOKE_BATCH if args.smoke else wl.batch)
+    shape = {"model": wl.model, "task": "sequence classification, 2 labels" if wl.task == "cls" else "causal LM",
+             "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+             "kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+             "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size, "batch": b, "seq": s,
+             "targets": list(wl.targets), "base_dtype": str(wl.base_dtype).removeprefix("torch.")}
+    return {"shape": shape, "variants": {}, "ratios": {}, "alloc_ms": None, "alloc_share": None}
+
+
+def merge_previous(result: dict, path: str) -> set[tuple[str, str]]:
+    """--resume: carry over the measured variants of an earlier run into `result`; return them."""
+    with open(path) as f:
+        old = json.load(f)
+    for key in ("steps", "warmup", "smoke", "compile_scope"):
+        if old["settings"].get(key) != result["settings"][key]:
+            raise SystemExit(f"--resume: {path} was measured with {key}={old['settings'].get(key)}, "
+                             f"this run has {result['settings'][key]}; write to another --out")
+    if old["gpu"] != result["gpu"]:
+        raise SystemExit(f"--resume: {path} was measured on {old['gpu']}, this is {result['gpu']}")
+    done = set()
+    for w, e in old["workloads"].items():
+        entry = result["workloads"].setdefault(w, e)
+        if entry["shape"]["batch"] != e["shape"]["batch"] or entry["shape"]["seq"] != e["shape"]["seq"]:
+            raise SystemExit(f"--resume: {path} has {w} at another batch shape; write to another --out")
+        entry["shape"] = {**e["shape"], **entry["shape"]}
+        for v, r in e["variants"].items():
+            if "median_ms" in r:
+                entry["variants"][v] = r
+                done.add((w, v))
+        result["dtype"]["base_weights"].setdefault(w, e["shape"]["base_dtype"])
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and args.smoke:
+        torch.set_num_threads(1)  # tiny ops: threads only contend (and CI boxes are small and shared)
     if args.compile or any(v.endswith("+compile") for v in args.variants.split(",")):
         # After a shrink the blocks' adapter ranks differ; let dynamo make them dynamic after the first
         # recompile instead of compiling one graph per distinct set of ranks.
@@ -515,70 +562,63 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     todo = jobs(args)
-
+    names = list(dict.fromkeys(w for w, _ in todo))
     result: dict[str, Any] = {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "torch": torch.__version__, "transformers": _version("transformers"), "peft": _version("peft"),
         "python": platform.python_version(),
         "dtype": {"autocast": "bfloat16", "adapters": "float32",
-                  "base_weights": {w: str(WORKLOADS[w].base_dtype).removeprefix("torch.") for w in dict.fromkeys(w for w, _ in todo)}},
+                  "base_weights": {w: str(WORKLOADS[w].base_dtype).removeprefix("torch.") for w in names}},
         "settings": {"steps": args.steps, "warmup": args.warmup, "alloc_steps": args.alloc_steps, "smoke": args.smoke,
                      "compile_scope": args.compile_scope, "compile_backend": args.compile_backend,
                      "r": R, "init_r": INIT_R, "alpha": ALPHA, "orth_weight": ORTH_WEIGHT, "optimizer": "AdamW",
-                     "fused_adamw": device.type == "cuda", "budget_steps": BUDGET_STEPS},
-        "workloads": {},
+                     "lr": LR, "fused_adamw": device.type == "cuda", "budget_steps": BUDGET_STEPS},
+        "workloads": {w: workload_entry(WORKLOADS[w], args) for w in names},
     }
-    for w in dict.fromkeys(w for w, _ in todo):
-        wl = WORKLOADS[w]
-        cfg = wl.config(args.smoke)
-        b, s = args.batch or (SMOKE_BATCH if args.smoke else wl.batch)
-        result["workloads"][w] = {
-            "shape": {"model": wl.model, "task": "sequence classification, 2 labels" if wl.task == "cls" else "causal LM",
-                      "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
-                      "kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
-                      "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size, "batch": b, "seq": s,
-                      "targets": list(wl.targets), "base_dtype": str(wl.base_dtype).removeprefix("torch.")},
-            "variants": {}, "ratios": {}, "alloc_ms": None, "alloc_share": None,
-        }
+    done = merge_previous(result, args.out) if args.resume and os.path.exists(args.out) else set()
 
     t_start = time.perf_counter()
     failed = False
     for w, variant in todo:
-        wl, entry = WORKLOADS[w], result["workloads"][w]
-        shape = (entry["shape"]["batch"], entry["shape"]["seq"])
-        elapsed = time.perf_counter() - t_start
-        if args.time_budget and elapsed > args.time_budget:
+        if (w, variant) in done:
+            continue
+        entry = result["workloads"][w]
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
             res: dict[str, Any] = {"skipped": f"time budget ({args.time_budget:.0f} s) spent"}
         else:
             facts: dict = {}
+            t_var = time.perf_counter()
             try:
-                res = run_variant(wl, variant, shape, args, device, facts)
+                res = run_variant(WORKLOADS[w], variant, (entry["shape"]["batch"], entry["shape"]["seq"]), args, device, facts)
             except torch.OutOfMemoryError as e:
                 res = {"error": "OOM", "detail": str(e).splitlines()[0]}
             except Exception as e:  # record and go on: one broken variant must not cost the whole GPU run
                 traceback.print_exc()
                 res = {"error": f"{type(e).__name__}: {e}"}
                 failed = True
+            res["wall_s"] = round(time.perf_counter() - t_var, 1)
             entry["shape"].update(facts)
-            if "n_adapted" in res and variant != "floor":
+            if "n_adapted" in res:
                 entry["shape"].setdefault("adapted_matrices", res["n_adapted"])
             free(device)
         entry["variants"][variant] = res
         summarize(entry)
         atomic_write_json(args.out, result)
-        brief = (f"{res['median_ms']:.1f} ms (p10 {res['p10_ms']:.1f}, p90 {res['p90_ms']:.1f}), peak {_fmt(res['peak_gib'], '.2f')} GiB"
-                 if "median_ms" in res else res.get("error") or res.get("skipped"))
+        brief = (f"{res['median_ms']:.1f} ms (p10 {res['p10_ms']:.1f}, p90 {res['p90_ms']:.1f}), "
+                 f"peak {_fmt(res['peak_gib'], '.2f')} GiB" if "median_ms" in res else res.get("error") or res.get("skipped"))
         print(f"[{time.perf_counter() - t_start:6.1f} s] {w} {variant}: {brief}", file=sys.stderr, flush=True)
 
-    for entry in result["workloads"].values():  # the table shows variants in the canonical order
-        order = {v: i for i, v in enumerate(VARIANTS + tuple(v + "+compile" for v in COMPILABLE))}
+    order = {v: i for i, v in enumerate(VARIANTS + tuple(v + "+compile" for v in COMPILABLE))}
+    for entry in result["workloads"].values():  # tables and JSON list variants in the canonical order
         entry["variants"] = dict(sorted(entry["variants"].items(), key=lambda kv: order[kv[0]]))
+        summarize(entry)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     atomic_write_json(args.out, result)
     print(markdown(result))
     skipped = [f"{w}:{v}" for w, e in result["workloads"].items() for v, r in e["variants"].items() if "skipped" in r]
     if skipped:
-        print(f"\nskipped for time: {' '.join(skipped)} (rerun them with --workloads/--variants)", file=sys.stderr)
+        print(f"\nskipped for time: {' '.join(skipped)}; run the same command with --resume to measure them",
+              file=sys.stderr)
     return 1 if failed else 0
 
 
