@@ -4,8 +4,8 @@ Each call updates the importance EMAs, and at masking steps finds one global thr
 scores of all adapted matrices (kthvalue) and zeroes λ below it. It returns data (`Allocation`);
 logging is the caller's business.
 
-Performance: per-element work is `torch._foreach_*` over all matrices, and the per-triplet means run on
-matrices stacked by shape. One step is a fixed number of ops however deep the model is, and nothing
+Performance: per-element work runs on flat buffers holding all matrices (group-major by shape), and the
+per-triplet means on (G, out, r) views of them. One step is a fixed number of ops however deep the model is, and nothing
 syncs with the host: the threshold, masks and ranks stay on the device.
 """
 
@@ -37,12 +37,23 @@ class Allocation:
     phase: str  # "init", "budget" or "final"
     masked: bool  # whether a new mask was computed at this step
     threshold: torch.Tensor | None  # 0-d tensor, None when nothing needed pruning
-    ranks: torch.Tensor  # (n_modules,) kept triplets per module, in `names` order
+    mask: torch.Tensor  # the kept-triplet mask after this step (flat, module order); never mutated
+    bounds: tuple[torch.Tensor, torch.Tensor]  # (starts, ends) of each module in `mask`
     names: list[str]
+
+    @property
+    def ranks(self) -> torch.Tensor:
+        """(n_modules,) kept triplets per module, in `names` order (computed on demand)."""
+        return _segment_sums(self.mask, *self.bounds)
 
     def rank_dict(self) -> dict[str, int]:
         """{module name: rank}; syncs with the device."""
         return dict(zip(self.names, self.ranks.tolist()))
+
+
+def _segment_sums(mask: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    cs = torch.cat([mask.new_zeros(1, dtype=torch.long), mask.long().cumsum(0)])
+    return cs[ends] - cs[starts]
 
 
 class RankAllocator:
@@ -67,18 +78,18 @@ class RankAllocator:
     ) -> None:
         if not layers:
             raise ValueError("method.targets: the model has no SVD adapters to allocate ranks to")
-        for name, b in (("allocator.beta1", beta1), ("allocator.beta2", beta2)):
+        for name, b in (("method.beta1", beta1), ("method.beta2", beta2)):
             if not 0 <= b < 1:
                 raise ValueError(f"{name}: must be in [0, 1), got {b}")
         if score not in imp.SCORES:
-            raise ValueError(f"allocator.score: must be one of {imp.SCORES}, got {score!r}")
+            raise ValueError(f"method.score: must be one of {imp.SCORES}, got {score!r}")
         self.names = [n for n, _ in layers]
         self.layers = [m for _, m in layers]
         self.schedule = schedule
         self.init_total = sum(m.r for m in self.layers)
         if not 1 <= target_total <= self.init_total:
             raise ValueError(
-                f"allocator.target: final budget {target_total} must be in [1, {self.init_total}] "
+                f"method.r: final budget {target_total} must be in [1, {self.init_total}] "
                 f"(the initial total rank)"
             )
         self.target_total = target_total
@@ -86,15 +97,19 @@ class RankAllocator:
         self.t = 0
         self.frozen = False  # final mask fixed (t >= T - t_f)
         self.shrunk = False
-        self.ema_ipt: list[torch.Tensor] | None = None  # flat lists in (layer, role) order
-        self.ema_unc: list[torch.Tensor] | None = None
+        self._ema_ipt: torch.Tensor | None = None  # flat, in the allocator's group-major layout
+        self._ema_unc: torch.Tensor | None = None
         dev = self.layers[0].lam.device
         self.mask = torch.ones(self.init_total, dtype=torch.bool, device=dev)
         self._build_index()
 
     # ----- bookkeeping ---------------------------------------------------------------------------
     def _build_index(self) -> None:
-        """Group matrices by shape and precompute the permutation back to module order."""
+        """Group matrices by shape, lay their parameters out flat, and precompute the permutations.
+
+        The flat layout is group-major: for each shape group, all its P, then all its Q, then all its λ.
+        Each group's block is then a (G, out, r) / (G, r, in) / (G, r) view with no copy.
+        """
         self.sizes = [m.r for m in self.layers]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, m in enumerate(self.layers):
@@ -110,6 +125,25 @@ class RankAllocator:
         self._to_module_order = grouped_pos.to(dev)  # scores_module = scores_grouped[_to_module_order]
         self._starts = torch.tensor(offsets[:-1], dtype=torch.long, device=dev)
         self._ends = torch.tensor(offsets[1:], dtype=torch.long, device=dev)
+        # flat parameter order and each group's slices in it
+        self._flat_params: list[nn.Parameter] = []
+        self._slices: list[tuple[slice, slice, slice, tuple[int, int, int, int]]] = []
+        self._where: dict[tuple[int, str], tuple[int, torch.Size]] = {}  # (layer, role) -> (offset, shape)
+        pos = 0
+        for g in self.groups:
+            m0 = self.layers[g[0]]
+            G, out, inn, r = len(g), m0.out_features, m0.in_features, m0.r
+            spans = []
+            for role in ("P", "Q", "lam"):
+                start = pos
+                for i in g:
+                    p = getattr(self.layers[i], role)
+                    self._where[(i, role)] = (pos, p.shape)
+                    self._flat_params.append(p)
+                    pos += p.numel()
+                spans.append(slice(start, pos))
+            self._slices.append((spans[0], spans[1], spans[2], (G, out, inn, r)))
+        self._numel = pos
         # A persistent 0/1 copy of the mask with per-module views made once: applying the mask is then
         # one multi-tensor multiply with no per-step Python work proportional to depth.
         live = [i for i, m in enumerate(self.layers) if m.r > 0]
@@ -118,17 +152,37 @@ class RankAllocator:
         self._lams = [self.layers[i].lam for i in live]
         self._mask_views = [views[i] for i in live]
 
-    def _params(self) -> list[nn.Parameter]:
-        return [getattr(m, r) for m in self.layers for r in ROLES]
+    @staticmethod
+    def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch._C._nn.flatten_dense_tensors(tensors)
 
-    def _grads(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
-        # A None gradient (unused or frozen module) counts as zero sensitivity.
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    def _per_module(self, flat: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """Views of a flat state buffer as a list in (layer, role) order, roles P, lam, Q (PEFT's layout)."""
+        if flat is None:
+            return None
+        out = []
+        for i in range(len(self.layers)):
+            for role in ROLES:
+                if (i, role) in self._where:
+                    off, shape = self._where[(i, role)]
+                    out.append(flat[off : off + shape.numel()].view(shape))
+                else:  # a rank-0 module holds no state
+                    out.append(flat.new_zeros(getattr(self.layers[i], role).shape))
+        return out
+
+    @property
+    def ema_ipt(self) -> list[torch.Tensor] | None:
+        """Ī per parameter, in (layer, role) order, roles P, lam, Q; None outside the budgeting phase."""
+        return self._per_module(self._ema_ipt)
+
+    @property
+    def ema_unc(self) -> list[torch.Tensor] | None:
+        """Ū per parameter, in the same order as `ema_ipt`."""
+        return self._per_module(self._ema_unc)
 
     def ranks(self) -> torch.Tensor:
         """Kept triplets per module (device tensor)."""
-        cs = torch.cat([self.mask.new_zeros(1, dtype=torch.long), self.mask.long().cumsum(0)])
-        return cs[self._ends] - cs[self._starts]
+        return _segment_sums(self.mask, self._starts, self._ends)
 
     def module_masks(self) -> list[torch.Tensor]:
         """Per-module boolean masks (views)."""
@@ -137,51 +191,63 @@ class RankAllocator:
     # ----- the algorithm ------------------------------------------------------------------------
     @torch.no_grad()
     def update_importance(self) -> None:
-        """Update Ī and Ū from the current parameters and gradients (eq. 8-10)."""
-        params = self._params()
-        ipt = imp.sensitivity(params, self._grads(params))
-        if self.ema_ipt is None:
-            self.ema_ipt = [torch.zeros_like(p) for p in params]
-            self.ema_unc = [torch.zeros_like(p) for p in params]
-        imp.smooth_(self.ema_ipt, ipt, self.beta1)
-        imp.uncertainty_(self.ema_unc, ipt, self.ema_ipt, self.beta2)
+        """Update Ī and Ū from the current parameters and gradients (eq. 8-10), on flat buffers."""
+        params = self._flat_params
+        # A None gradient (unused or frozen module) counts as zero sensitivity.
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        ipt = imp.sensitivity(self._flat(params), self._flat(grads))
+        if self._ema_ipt is None:
+            self._ema_ipt = torch.zeros_like(ipt)
+            self._ema_unc = torch.zeros_like(ipt)
+        imp.smooth_(self._ema_ipt, ipt, self.beta1)
+        imp.uncertainty_(self._ema_unc, ipt, self._ema_ipt, self.beta2)
 
     @torch.no_grad()
     def triplet_scores(self) -> torch.Tensor:
         """S_i for every triplet, flat in module order."""
         if self.score == "magnitude":
-            return torch.cat([m.lam.detach() for m in self.layers]).abs()
-        if self.ema_ipt is None:
-            return torch.zeros(self.init_total if not self.shrunk else sum(self.sizes), device=self.mask.device)
-        s = imp.element_score(self.ema_ipt, self.ema_unc, self.score)
-        by_role = {r: s[k :: len(ROLES)] for k, r in enumerate(ROLES)}
+            return self._magnitude()
+        if self._ema_ipt is None:
+            return torch.zeros(sum(self.sizes), device=self.mask.device)
+        s = imp.element_score(self._ema_ipt, self._ema_unc, self.score)
         per_group = [
-            imp.triplet_score(
-                torch.stack([by_role["lam"][i] for i in g]),
-                torch.stack([by_role["P"][i] for i in g]),
-                torch.stack([by_role["Q"][i] for i in g]),
-            ).flatten()
-            for g in self.groups
+            imp.triplet_score(s[sl].view(G, r), s[sp].view(G, out, r), s[sq].view(G, r, inn)).flatten()
+            for sp, sq, sl, (G, out, inn, r) in self._slices
         ]
         return torch.cat(per_group)[self._to_module_order]
 
     @torch.no_grad()
-    def mask_to_budget(self, budget: int) -> torch.Tensor | None:
-        """Keep triplets scoring above the (init − budget)-th smallest score; returns the threshold."""
+    def mask_to_budget(self, budget: int, exact: bool = False) -> torch.Tensor | None:
+        """Keep triplets scoring above the (init − budget)-th smallest score; returns the threshold.
+
+        Ties at the threshold are pruned, as in PEFT. With `exact` (the final allocation, and the
+        |λ| score whose values tie at 0 early on) exactly `budget` triplets are kept, ties broken by
+        position; without ties both rules keep the same set.
+        """
         k = self.init_total - budget
         if k <= 0:  # PEFT crashes here (kthvalue k out of range, peft#2337); we keep everything
-            self.mask.fill_(True)
-            threshold = None
-        elif self.ema_ipt is None and self.score != "magnitude":
+            self.mask = torch.ones_like(self.mask)
+            self.apply_mask()
+            return None
+        magnitude = self.score == "magnitude"
+        if self._ema_ipt is None and not magnitude and not exact:
             # No importance measured yet (e.g. the only step so far was skipped by the fp16 scaler):
             # all-zero scores would tie and prune everything, so the mask stays as it is.
-            threshold = None
+            return None
+        # A final allocation with no importance measured falls back to |λ|, so the budget still holds.
+        scores = self.triplet_scores() if self._ema_ipt is not None or magnitude else self._magnitude()
+        threshold = torch.kthvalue(scores, k).values
+        if exact or magnitude:
+            mask = torch.zeros_like(self.mask)
+            mask[torch.topk(scores, budget, sorted=False).indices] = True
+            self.mask = mask
         else:
-            scores = self.triplet_scores()
-            threshold = torch.kthvalue(scores, k).values
-            self.mask = scores > threshold  # ties at the threshold are pruned, as in PEFT
+            self.mask = scores > threshold
         self.apply_mask()
         return threshold
+
+    def _magnitude(self) -> torch.Tensor:
+        return torch.cat([m.lam.detach() for m in self.layers]).abs()
 
     @torch.no_grad()
     def apply_mask(self) -> None:
@@ -198,8 +264,8 @@ class RankAllocator:
         dev = self.layers[0].lam.device
         if self.mask.device != dev:  # the model moved after the allocator was built
             self.mask = self.mask.to(dev)
-            self.ema_ipt = None if self.ema_ipt is None else [x.to(dev) for x in self.ema_ipt]
-            self.ema_unc = None if self.ema_unc is None else [x.to(dev) for x in self.ema_unc]
+            self._ema_ipt = None if self._ema_ipt is None else self._ema_ipt.to(dev)
+            self._ema_unc = None if self._ema_unc is None else self._ema_unc.to(dev)
             self._build_index()
         self.t += 1
         t, sch = self.t, self.schedule
@@ -214,14 +280,14 @@ class RankAllocator:
         elif not self.frozen:
             # The final allocation at t = T - t_f (PEFT's force_mask; like PEFT, no importance update
             # at this step). Afterwards the mask is fixed and the EMAs are freed.
-            threshold, masked = self.mask_to_budget(self.target_total), True
+            threshold, masked = self.mask_to_budget(self.target_total, exact=True), True
             budget = self.target_total
             self.frozen = True
-            self.ema_ipt = self.ema_unc = None
+            self._ema_ipt = self._ema_unc = None
         elif not self.shrunk:
             self.apply_mask()  # the optimizer may have revived pruned λ; PEFT re-masks every step too
         phase = "init" if t <= sch.t_init else ("budget" if t < end else "final")
-        return Allocation(t, budget, phase, masked, threshold, self.ranks(), self.names)
+        return Allocation(t, budget, phase, masked, threshold, self.mask, (self._starts, self._ends), self.names)
 
     # ----- shrink -------------------------------------------------------------------------------
     def shrink(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -247,8 +313,8 @@ class RankAllocator:
             "names": list(self.names),
             "sizes": list(self.sizes),
             "mask": self.mask.clone(),
-            "ema_ipt": None if self.ema_ipt is None else [x.clone() for x in self.ema_ipt],
-            "ema_unc": None if self.ema_unc is None else [x.clone() for x in self.ema_unc],
+            "ema_ipt": None if self._ema_ipt is None else self._ema_ipt.clone(),
+            "ema_unc": None if self._ema_unc is None else self._ema_unc.clone(),
             "init_total": self.init_total,
             "target_total": self.target_total,
         }
@@ -273,5 +339,8 @@ class RankAllocator:
             raise ValueError("allocator state: adapter ranks differ from the saved ones")
         self.t, self.frozen, self.shrunk = state["t"], state["frozen"], state["shrunk"]
         self.mask = state["mask"].to(dev)
-        self.ema_ipt = None if state["ema_ipt"] is None else [x.to(dev) for x in state["ema_ipt"]]
-        self.ema_unc = None if state["ema_unc"] is None else [x.to(dev) for x in state["ema_unc"]]
+        for key in ("ema_ipt", "ema_unc"):
+            v = state[key]
+            if v is not None and v.numel() != self._numel:
+                raise ValueError(f"allocator state: {key} has {v.numel()} entries, the adapters have {self._numel}")
+            setattr(self, "_" + key, None if v is None else v.to(dev))

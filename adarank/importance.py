@@ -1,53 +1,42 @@
-"""Importance scores of AdaLoRA (Zhang et al., 2023, eq. 8-11) as pure functions.
+"""Importance scores of AdaLoRA (Zhang et al., 2023, eq. 8-11) as pure functions on tensors.
 
-Every function takes lists of tensors and uses `torch._foreach_*` ops, so one call is a handful of
-multi-tensor kernels however many adapted matrices there are. The arithmetic is written term by term
-(β·Ī + (1−β)·I, not a lerp) so results match PEFT's `RankAllocator` bit for bit.
+The allocator calls them on flat buffers that hold every adapted matrix at once, so one call is one
+kernel however many matrices there are. The arithmetic is written term by term (β·Ī + (1−β)·I, not a
+lerp) so results match PEFT's `RankAllocator` bit for bit.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 
 __all__ = ["SCORES", "sensitivity", "smooth_", "uncertainty_", "element_score", "triplet_score"]
 
-Tensors = Sequence[torch.Tensor]
-
 #: Selectable scores: the paper's s = Ī·Ū, and its ablations (sensitivity only; |λ| magnitude).
 SCORES = ("uncertainty", "sensitivity", "magnitude")
 
 
-def sensitivity(params: Tensors, grads: Tensors) -> list[torch.Tensor]:
+def sensitivity(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """I = |θ·∇θ| per element."""
-    out = torch._foreach_mul(list(params), list(grads))
-    torch._foreach_abs_(out)
-    return out
+    return (param * grad).abs_()
 
 
-def smooth_(ema: Tensors, value: Tensors, beta: float) -> None:
+def smooth_(ema: torch.Tensor, value: torch.Tensor, beta: float) -> torch.Tensor:
     """Ī ← β·Ī + (1−β)·I, in place."""
-    torch._foreach_mul_(list(ema), beta)
-    torch._foreach_add_(list(ema), torch._foreach_mul(list(value), 1 - beta))
+    return ema.mul_(beta).add_(value * (1 - beta))
 
 
-def uncertainty_(unc: Tensors, ipt: Tensors, ipt_ema: Tensors, beta: float) -> None:
+def uncertainty_(unc: torch.Tensor, ipt: torch.Tensor, ipt_ema: torch.Tensor, beta: float) -> torch.Tensor:
     """Ū ← β·Ū + (1−β)·|I − Ī|, in place (Ī already updated for this step)."""
-    dev = torch._foreach_sub(list(ipt), list(ipt_ema))
-    torch._foreach_abs_(dev)
-    torch._foreach_mul_(dev, 1 - beta)
-    torch._foreach_mul_(list(unc), beta)
-    torch._foreach_add_(list(unc), dev)
+    return unc.mul_(beta).add_((ipt - ipt_ema).abs_().mul_(1 - beta))
 
 
-def element_score(ipt_ema: Tensors, unc: Tensors, kind: str) -> list[torch.Tensor]:
+def element_score(ipt_ema: torch.Tensor, unc: torch.Tensor, kind: str) -> torch.Tensor:
     """s = Ī·Ū (kind "uncertainty") or s = Ī (kind "sensitivity")."""
     if kind == "uncertainty":
-        return torch._foreach_mul(list(ipt_ema), list(unc))
+        return ipt_ema * unc
     if kind == "sensitivity":
-        return list(ipt_ema)
-    raise ValueError(f"allocator.score: element scores exist for uncertainty/sensitivity, not {kind!r}")
+        return ipt_ema
+    raise ValueError(f"method.score: element scores exist for uncertainty/sensitivity, not {kind!r}")
 
 
 def triplet_score(s_lam: torch.Tensor, s_P: torch.Tensor, s_Q: torch.Tensor) -> torch.Tensor:

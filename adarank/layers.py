@@ -127,7 +127,8 @@ class LoraLinear(_Adapter):
         if self.merged:
             return y
         h = self._adapter_input(x, self.lora_A.dtype)
-        d = F.linear(F.linear(h, self.lora_A) * self.scale, self.lora_B)
+        # the scale goes into the (out, r) factor: a weight-sized multiply, not a token-sized one
+        d = F.linear(F.linear(h, self.lora_A), self.lora_B * self.scale)
         return y + d.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -177,8 +178,9 @@ class SVDLinear(_Adapter):
         if self.merged or self.r == 0:
             return y
         h = self._adapter_input(x, self.Q.dtype)
-        # λ and the scale sit between the two thin matmuls: an (…, r) multiply, never an (…, out) one.
-        d = F.linear(F.linear(h, self.Q) * (self.lam * self.scale), self.P)
+        # λ·scale is folded into Q: a weight-sized (r, in) multiply rather than a token-sized one, so the
+        # forward is LoRA's two thin matmuls plus one tiny op.
+        d = F.linear(F.linear(h, self.Q * (self.lam * self.scale)[:, None]), self.P)
         return y + d.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -6,7 +6,6 @@ AdaLoRA are built here too, so every method runs inside the same training loop.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -18,10 +17,10 @@ from .config import MethodConfig, ModelConfig
 from .inject import ParamReport, find_targets, inject, param_report, svd_adapters
 from .layers import base_dims
 from .models import DTYPES
-from .orth import orth_penalty
+from .orth import orth_grad_
 from .schedule import Budget, Schedule, make_schedule, resolve_budget
 
-__all__ = ["Adapted", "apply_method", "build_allocator", "method_budget", "method_schedule", "PeftAllocator"]
+__all__ = ["Adapted", "apply_method", "build_allocator", "method_budget", "PeftAllocator"]
 
 
 @dataclass
@@ -33,7 +32,7 @@ class Adapted:
     method: str
     target_total: Optional[int] = None  # final budget in triplets (adaptive methods)
     init_rank: Optional[int] = None
-    regularizer: Optional[Callable[[], torch.Tensor]] = None  # added to the loss by the loop
+    orth_grad: Optional[Callable[[], torch.Tensor]] = None  # adds the regulariser's gradient; returns R
     targets: list[str] = field(default_factory=list)
 
 
@@ -54,7 +53,7 @@ def apply_method(model: nn.Module, m: MethodConfig, mc: ModelConfig) -> Adapted:
     if m.name == "adalora":
         rep = inject(model, "svd", budget.init_rank, m.alpha, targets, m.target_regex, m.dropout, m.rslora, train_modules, dtype)
         layers = [layer for _, layer in svd_adapters(model)]
-        reg = (lambda: m.orth_weight * orth_penalty(layers, m.orth_form)) if m.orth_weight > 0 else None
+        reg = (lambda: orth_grad_(layers, m.orth_weight, m.orth_form)) if m.orth_weight > 0 else None
         return Adapted(model, rep, "adalora", budget.target_total, budget.init_rank, reg, names)
     return _apply_peft(model, m, names, train_modules, budget.init_rank, budget.target_total)
 
@@ -63,40 +62,10 @@ def _explicit_target(m: MethodConfig) -> bool:
     return m.target_total_rank is not None or m.target_params is not None
 
 
-@contextmanager
-def _method_fields():
-    """The schedule and budget functions name their arguments `allocator.*`; here those are `method.*` fields."""
-    try:
-        yield
-    except ValueError as e:
-        msg = str(e).replace("allocator.target_rank", "method.r").replace("allocator.", "method.")
-        raise ValueError(msg) from None
-
-
 def method_budget(model: nn.Module, m: MethodConfig, names: list[str]) -> Budget:
     """The adaptive methods' initial rank and budgets for the adapted modules `names` of `model`."""
     shapes = [base_dims(model.get_submodule(n)) for n in names]
-    with _method_fields():
-        return resolve_budget(shapes, None if _explicit_target(m) else m.r, m.target_total_rank, m.target_params, m.init_rank, m.init_ratio)
-
-
-def method_schedule(m: MethodConfig, total_steps: int) -> Schedule:
-    """The budget schedule over T = `total_steps`, checked to leave a budgeting phase.
-
-    The final allocation (t = T - t_f) does not update importance, so at least one budgeting step must
-    come before it; otherwise every score is 0 and the final mask prunes all triplets instead of
-    keeping the target budget.
-    """
-    with _method_fields():
-        sch = make_schedule(total_steps, m.init_frac, m.final_frac, m.delta_t)
-    end = sch.total - sch.t_final
-    if end - sch.t_init < 2:
-        raise ValueError(
-            f"train.max_steps: T={total_steps} optimizer steps leave no budgeting phase for {m.name} "
-            f"(t_i={sch.t_init}, t_f={sch.t_final}: the final allocation at step {end} would come before any "
-            "budgeting step); train longer (train.max_steps, train.epochs) or lower method.init_frac/method.final_frac"
-        )
-    return sch
+    return resolve_budget(shapes, None if _explicit_target(m) else m.r, m.target_total_rank, m.target_params, m.init_rank, m.init_ratio)
 
 
 def _apply_peft(model: nn.Module, m: MethodConfig, names: list[str], train_modules: list[str], init_rank: int, target_total: int) -> Adapted:
@@ -105,10 +74,12 @@ def _apply_peft(model: nn.Module, m: MethodConfig, names: list[str], train_modul
     except ImportError:
         raise ValueError(f"method.name: {m.name} needs the peft package (pip install peft)") from None
     common = dict(target_modules=names, lora_alpha=m.alpha, lora_dropout=m.dropout, modules_to_save=train_modules or None)
+    # The share is of the base model: counted before PEFT adds adapters and copies of the trained modules.
+    base = sum(p.numel() for p in model.parameters())
     if m.name == "peft_lora":
         cfg = peft.LoraConfig(r=m.r, use_rslora=m.rslora, **common)
         pm = peft.get_peft_model(model, cfg)
-        return Adapted(pm, param_report(pm), "peft_lora", targets=names)
+        return Adapted(pm, _peft_report(pm, base), "peft_lora", targets=names)
     # AdaLoRA's config needs total_step up front; build_allocator sets it once T is known.
     target_r = target_total // len(names)
     cfg = peft.AdaLoraConfig(
@@ -116,14 +87,19 @@ def _apply_peft(model: nn.Module, m: MethodConfig, names: list[str], train_modul
         orth_reg_weight=m.orth_weight, total_step=10**9, **common,
     )
     pm = peft.get_peft_model(model, cfg)
-    return Adapted(pm, param_report(pm), "peft_adalora", target_r * len(names), init_rank, None, names)
+    return Adapted(pm, _peft_report(pm, base), "peft_adalora", target_r * len(names), init_rank, None, names)
+
+
+def _peft_report(peft_model: nn.Module, base: int) -> ParamReport:
+    rep = param_report(peft_model)  # it cannot tell PEFT's parameters from the base model's
+    return ParamReport(rep.per_module, rep.trainable, base)
 
 
 def build_allocator(a: Adapted, m: MethodConfig, total_steps: int):
     """The allocator for adaptive methods (None otherwise), with phases resolved from T."""
     if a.method not in ("adalora", "peft_adalora"):
         return None
-    sch = method_schedule(m, total_steps)
+    sch = make_schedule(total_steps, m.init_frac, m.final_frac, m.delta_t)
     if a.method == "adalora":
         return RankAllocator(svd_adapters(a.model), sch, a.target_total, m.beta1, m.beta2, m.score)
     return PeftAllocator(a.model, sch)
@@ -151,10 +127,13 @@ class PeftAllocator:
         if update_importance:
             self.model.base_model.update_and_allocate(t)
         budget, _ = self.ra.budget_schedule(t)
-        ranks = torch.stack([(p != 0).sum() for _, p in self._lora_E()])
+        lam = [p.detach().flatten() for _, p in self._lora_E()]
+        mask = torch.cat(lam) != 0
+        sizes = torch.tensor([x.numel() for x in lam], device=mask.device)
+        ends = sizes.cumsum(0)
         end = sch.total - sch.t_final
         phase = "init" if t <= sch.t_init else ("budget" if t < end else "final")
-        return Allocation(t, budget, phase, False, None, ranks, self.names)
+        return Allocation(t, budget, phase, False, None, mask, (ends - sizes, ends), self.names)
 
     def state_dict(self) -> dict:
         cfg = self.model.peft_config["default"]

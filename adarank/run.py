@@ -6,7 +6,6 @@ naming the field or file, before any model weights load. Tracebacks are for bugs
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
@@ -34,18 +33,20 @@ def one_line(e: BaseException) -> str:
     for x in (e, e.__cause__):
         if x is None:
             continue
+        own: list[str] = []  # per exception, so the cause's lines never join an options list
         for line in str(x).split("Config search path")[0].splitlines():
             line = line.strip()
             if not line or line.endswith("_schema") or line.startswith(
                 ("Set the environment variable", "full_key", "object_type", "reference_type")
             ):
                 continue
-            if parts and parts[-1].endswith(":"):
-                parts[-1] += " " + line  # "Available options in 'method': adalora ..." on one line
-            elif parts and parts[-1].startswith("Available options"):
-                parts[-1] += ", " + line
+            if own and own[-1].endswith(":"):
+                own[-1] += " " + line  # "Available options in 'method': adalora ..." on one line
+            elif own and own[-1].startswith("Available options"):
+                own[-1] += ", " + line
             else:
-                parts.append(line)
+                own.append(line)
+        parts += own
     text = "; ".join(dict.fromkeys(parts)) or type(e).__name__
     return re.sub(r"\s+", " ", text)
 
@@ -128,8 +129,9 @@ def preflight(cfg: Config) -> int:
     """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
     from .data import get_task, load_task
     from .inject import find_targets, unfreeze
-    from .methods import method_budget, method_schedule
+    from .methods import method_budget
     from .models import resolve_path
+    from .schedule import make_schedule
     from .train import pick_device, total_steps
 
     get_task(cfg.task.name)
@@ -150,7 +152,7 @@ def preflight(cfg: Config) -> int:
             raise ValueError(str(e).replace("method.train_modules", "model.train_modules")) from None
         if m.adaptive:
             method_budget(model, m, names)
-            method_schedule(m, T)
+            make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
     resolve_path(cfg.model.tokenizer or ("minilm" if cfg.model.name_or_path == "random" else cfg.model.name_or_path))
     return T
 

@@ -45,16 +45,21 @@ def make_schedule(total_steps: int, init_frac: float, final_frac: float, delta_t
     """Turn phase fractions of the total into step counts; ValueError names the bad field."""
     if total_steps < 1:
         raise ValueError(f"schedule.total_steps: must be >= 1, got {total_steps} (check epochs and batch size)")
-    for name, f in (("allocator.init_frac", init_frac), ("allocator.final_frac", final_frac)):
+    for name, f in (("method.init_frac", init_frac), ("method.final_frac", final_frac)):
         if not 0 <= f < 1:
             raise ValueError(f"{name}: must be in [0, 1), got {f}")
     if delta_t < 1:
-        raise ValueError(f"allocator.delta_t: must be >= 1, got {delta_t}")
+        raise ValueError(f"method.delta_t: must be >= 1, got {delta_t}")
     t_init, t_final = round(init_frac * total_steps), round(final_frac * total_steps)
     if total_steps - t_final - t_init < 1:
         raise ValueError(
-            f"allocator.init_frac/allocator.final_frac: no budgeting phase is left "
+            f"method.init_frac/method.final_frac: no budgeting phase is left "
             f"(t_i={t_init} + t_f={t_final} >= T={total_steps}); lower them or train longer"
+        )
+    if total_steps - t_final < 2:
+        raise ValueError(
+            f"method.final_frac: the final allocation would come at step {total_steps - t_final}, before any "
+            "importance was measured; lower it or train longer"
         )
     return Schedule(total=total_steps, t_init=t_init, t_final=t_final, delta_t=delta_t)
 
@@ -87,10 +92,10 @@ def resolve_budget(
         raise ValueError("method.targets: no adapted matrices, so there is no budget to allocate")
     given = [x is not None for x in (target_rank, target_total_rank, target_params)]
     if sum(given) != 1:
-        raise ValueError("allocator.target_rank/target_total_rank/target_params: give exactly one")
+        raise ValueError("method.r/target_total_rank/target_params: give exactly one")
     if target_rank is not None:
         if target_rank <= 0:
-            raise ValueError(f"allocator.target_rank: must be > 0, got {target_rank}")
+            raise ValueError(f"method.r: must be > 0, got {target_rank}")
         total = round(target_rank * n)
     elif target_total_rank is not None:
         total = int(target_total_rank)
@@ -98,17 +103,17 @@ def resolve_budget(
         cost = sum(d + k + 1 for d, k in shapes) / n
         total = int(target_params // cost)
     if total < 1:
-        raise ValueError(f"allocator.target: the final budget resolves to {total} triplets; it must be >= 1")
+        raise ValueError(f"method.r: the final budget resolves to {total} triplets; it must be >= 1")
     if init_ratio < 1:
-        raise ValueError(f"allocator.init_ratio: must be >= 1, got {init_ratio}")
+        raise ValueError(f"method.init_ratio: must be >= 1, got {init_ratio}")
     if init_rank is None:
         init_rank = max(1, math.ceil(init_ratio * total / n - 1e-9))
     if init_rank < 1:
-        raise ValueError(f"allocator.init_rank: must be >= 1, got {init_rank}")
+        raise ValueError(f"method.init_rank: must be >= 1, got {init_rank}")
     init_total = init_rank * n
     if total > init_total:
         raise ValueError(
-            f"allocator.target: the final budget ({total} triplets) exceeds the initial one "
-            f"({init_total} = init_rank {init_rank} x {n} matrices); raise allocator.init_rank"
+            f"method.r: the final budget ({total} triplets) exceeds the initial one "
+            f"({init_total} = init_rank {init_rank} x {n} matrices); raise method.init_rank"
         )
     return Budget(init_rank=init_rank, init_total=init_total, target_total=total)

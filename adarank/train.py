@@ -1,7 +1,8 @@
 """The training loop, top to bottom: data, model, method, allocator, optimisation, evaluation, results.
 
 The loop owns the allocator: it calls `allocator.step()` after every optimizer step, on unscaled
-gradients, and adds the orthogonal regulariser to the loss itself. Nobody has to remember a hook.
+gradients, and adds the orthogonal regulariser's gradient itself (`orth.orth_grad_`, the gradient of
+weight·R in closed form, batched). Nobody has to remember a hook.
 """
 
 from __future__ import annotations
@@ -230,6 +231,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         bar = tqdm(total=T, initial=step, desc=f"{m.name} {cfg.task.name}", dynamic_ncols=True, file=sys.stderr)
     # torch.tensor(float) restores a float32 sum exactly
     loss_sum = torch.tensor(state.get("loss_sum", 0.0) if state is not None else 0.0, device=device)
+    orth_sum, orth_n = torch.zeros((), device=device), 0
     loss_n = state.get("loss_n", 0) if state is not None else 0
     alloc_res = None
     try:
@@ -240,8 +242,6 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss = fwd(**batch).loss
-                    if adapted.regularizer is not None:
-                        loss = loss + adapted.regularizer()
                 scaler.scale(loss / tc.grad_accum).backward()
                 loss_sum += loss.detach().float()
                 loss_n += 1
@@ -251,6 +251,11 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                     continue
                 # ---- one optimizer step ----
                 scaler.unscale_(opt)  # the allocator and clipping see true gradients
+                if adapted.orth_grad is not None:
+                    # the orthogonal regulariser: its gradient added explicitly, once per optimizer step
+                    # (the same as adding it to every micro-batch's loss / grad_accum), before clipping
+                    orth_sum += adapted.orth_grad().to(device)
+                    orth_n += 1
                 if tc.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
                 scale_before = scaler.get_scale() if scaler.is_enabled() else None
@@ -272,6 +277,10 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                     if not math.isfinite(mean_loss):
                         raise diverged(f"loss is {mean_loss}")
                     scalars: dict[str, float] = {"train/loss": mean_loss, "train/lr": sched.get_last_lr()[0], "train/epoch": epoch}
+                    if orth_n:
+                        scalars["train/orth"] = (orth_sum / orth_n).item()  # R, before its weight
+                        orth_sum.zero_()
+                        orth_n = 0
                     norms = {k: float(v) for k, v in adapter_norms(model).items()}
                     scalars.update({f"norm/{k}": v for k, v in norms.items()})
                     for msg in watch.check(norms, epoch):

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from peft import AdaLoraConfig, get_peft_model
 
 import adarank
@@ -129,3 +130,33 @@ def test_unknown_form():
     _, layers = trained_layers()
     with pytest.raises(ValueError, match="method.orth_form"):
         adarank.orth_penalty(layers, "fro")
+
+
+@pytest.mark.parametrize("form", ["mean_norm", "sum_sq"])
+def test_orth_grad_equals_autograd_of_the_penalty(form):
+    """orth_grad_ adds exactly the gradient that backpropagating weight * orth_penalty would."""
+    from adarank.orth import orth_grad_
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 6), nn.Linear(6, 5))
+    layers = [adarank.SVDLinear(m, r=3, alpha=4.0) for m in base]
+    for layer in layers:
+        layer.lam.data.normal_()
+    weight = 0.3
+    ref = weight * adarank.orth_penalty(layers, form)
+    ref.backward()
+    want = {id(p): p.grad.clone() for layer in layers for p in (layer.P, layer.Q)}
+    for layer in layers:
+        for p in (layer.P, layer.Q):
+            p.grad = torch.ones_like(p)  # existing gradients are added to, not replaced
+    value = orth_grad_(layers, weight, form)
+    assert value.item() == pytest.approx(ref.item() / weight, rel=1e-6)
+    for layer in layers:
+        for p in (layer.P, layer.Q):
+            torch.testing.assert_close(p.grad, want[id(p)] + 1, rtol=1e-5, atol=1e-6)
+    # None gradients are created
+    for layer in layers:
+        layer.P.grad = layer.Q.grad = None
+    orth_grad_(layers, weight, form)
+    for layer in layers:
+        torch.testing.assert_close(layer.P.grad, want[id(layer.P)], rtol=1e-5, atol=1e-6)

@@ -62,7 +62,7 @@ def test_schedule_at_delegates():
         ((20, 0.1, 0.25, 2), Schedule(20, 2, 5, 2)),
         ((10, 0.0, 0.0, 1), Schedule(10, 0, 0, 1)),
         ((7, 0.3, 0.3, 1), Schedule(7, 2, 2, 1)),  # fractions round to the nearest step
-        ((1, 0.0, 0.4, 1), Schedule(1, 0, 0, 1)),  # the smallest legal schedule
+        ((2, 0.0, 0.0, 1), Schedule(2, 0, 0, 1)),  # the smallest legal schedule: one importance update first
     ],
 )
 def test_make_schedule(args, expected):
@@ -72,14 +72,16 @@ def test_make_schedule(args, expected):
 @pytest.mark.parametrize(
     "args,field",
     [
-        ((10, 0.5, 0.5, 1), "allocator.init_frac/allocator.final_frac"),  # T = t_i + t_f
-        ((10, 0.6, 0.5, 1), "allocator.init_frac/allocator.final_frac"),  # T < t_i + t_f
-        ((10, 1.0, 0.0, 1), "allocator.init_frac"),
-        ((10, -0.1, 0.0, 1), "allocator.init_frac"),
-        ((10, 0.0, 1.0, 1), "allocator.final_frac"),
-        ((10, 0.0, -0.5, 1), "allocator.final_frac"),
-        ((10, 0.1, 0.1, 0), "allocator.delta_t"),
-        ((10, 0.1, 0.1, -2), "allocator.delta_t"),
+        ((10, 0.5, 0.5, 1), "method.init_frac/method.final_frac"),  # T = t_i + t_f
+        ((2, 0.0, 0.5, 1), "method.final_frac"),  # final allocation at step 1, before any importance update
+        ((1, 0.0, 0.0, 1), "method.final_frac"),
+        ((10, 0.6, 0.5, 1), "method.init_frac/method.final_frac"),  # T < t_i + t_f
+        ((10, 1.0, 0.0, 1), "method.init_frac"),
+        ((10, -0.1, 0.0, 1), "method.init_frac"),
+        ((10, 0.0, 1.0, 1), "method.final_frac"),
+        ((10, 0.0, -0.5, 1), "method.final_frac"),
+        ((10, 0.1, 0.1, 0), "method.delta_t"),
+        ((10, 0.1, 0.1, -2), "method.delta_t"),
         ((0, 0.1, 0.1, 1), "schedule.total_steps"),
         ((-5, 0.1, 0.1, 1), "schedule.total_steps"),
     ],
@@ -115,17 +117,17 @@ def test_resolve_budget(kwargs, expected):
 @pytest.mark.parametrize(
     "kwargs,field",
     [
-        ({}, "allocator.target_rank/target_total_rank/target_params"),  # no target
-        ({"target_rank": 2, "target_total_rank": 12}, "allocator.target_rank/target_total_rank/target_params"),
-        ({"target_rank": 2, "target_params": 500}, "allocator.target_rank/target_total_rank/target_params"),
-        ({"target_rank": -1}, "allocator.target_rank"),
-        ({"target_rank": 0}, "allocator.target_rank"),
-        ({"target_total_rank": 0}, "allocator.target"),  # zero budget
-        ({"target_total_rank": -4}, "allocator.target"),
-        ({"target_params": 30}, "allocator.target"),  # less than one triplet
-        ({"target_rank": 4, "init_rank": 3}, "allocator.target"),  # target > initial
-        ({"target_rank": 2, "init_ratio": 0.9}, "allocator.init_ratio"),
-        ({"target_rank": 2, "init_rank": 0}, "allocator.init_rank"),
+        ({}, "method.r/target_total_rank/target_params"),  # no target
+        ({"target_rank": 2, "target_total_rank": 12}, "method.r/target_total_rank/target_params"),
+        ({"target_rank": 2, "target_params": 500}, "method.r/target_total_rank/target_params"),
+        ({"target_rank": -1}, "method.r"),
+        ({"target_rank": 0}, "method.r"),
+        ({"target_total_rank": 0}, "method.r"),  # zero budget
+        ({"target_total_rank": -4}, "method.r"),
+        ({"target_params": 30}, "method.r"),  # less than one triplet
+        ({"target_rank": 4, "init_rank": 3}, "method.r"),  # target > initial
+        ({"target_rank": 2, "init_ratio": 0.9}, "method.init_ratio"),
+        ({"target_rank": 2, "init_rank": 0}, "method.init_rank"),
     ],
 )
 def test_resolve_budget_errors_name_the_field(kwargs, field):
@@ -142,12 +144,12 @@ def test_resolve_budget_without_matrices():
 @pytest.mark.parametrize(
     "kwargs,field",
     [
-        ({"beta1": 1.0}, "allocator.beta1"),
-        ({"beta1": -0.1}, "allocator.beta1"),
-        ({"beta2": 1.5}, "allocator.beta2"),
-        ({"score": "fisher"}, "allocator.score"),
-        ({"target_total": 0}, "allocator.target"),
-        ({"target_total": 45}, "allocator.target"),  # 11 modules × r 4 = 44
+        ({"beta1": 1.0}, "method.beta1"),
+        ({"beta1": -0.1}, "method.beta1"),
+        ({"beta2": 1.5}, "method.beta2"),
+        ({"score": "fisher"}, "method.score"),
+        ({"target_total": 0}, "method.r"),
+        ({"target_total": 45}, "method.r"),  # 11 modules × r 4 = 44
     ],
 )
 def test_allocator_config_errors(kwargs, field):

@@ -55,7 +55,8 @@ def read_corpus(path: Path) -> tuple[list[str], list[int]]:
     return texts, topics
 
 
-def split_indices(texts: Sequence[str], seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, np.ndarray]:
+def split_indices(texts: Sequence[str], seed: int,
+                  fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, np.ndarray]:
     """Row ids of `train`, `validation`, `test`, each sorted.
 
     Articles with the same text (up to whitespace) form one group; a seeded permutation of the groups is

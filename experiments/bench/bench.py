@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import adarank
+from adarank.orth import orth_grad_
 from adarank.atomic import atomic_write_json, atomic_write_text
 from adarank.layers import base_dims
 
@@ -44,10 +45,10 @@ LR = 1e-4
 BUDGET_STEPS = 10_000
 
 VARIANTS = ("floor", "peft_lora", "peft_adalora", "lora", "rslora", "adalora", "adalora_final")
-COMPILABLE = ("lora", "rslora", "adalora", "adalora_final")  # ours; the allocator itself stays eager
+COMPILABLE = ("floor", "lora", "rslora", "adalora", "adalora_final")  # ours (and the floor); the allocator stays eager
 #: what --compile adds. rslora+compile differs from lora+compile only in a constant, so it would cost a
 #: full compilation to learn nothing; ask for it by name.
-COMPILE_DEFAULT = ("lora", "adalora", "adalora_final")
+COMPILE_DEFAULT = ("floor", "lora", "adalora", "adalora_final")
 
 
 # ---- workloads ----------------------------------------------------------------------------------
@@ -119,13 +120,13 @@ def build_model(wl: Workload, smoke: bool, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(0)  # every variant of a workload starts from the same weights
-    if wl.task == "cls":
-        with torch.device(device):
+    with torch.device(device):
+        if wl.task == "cls":  # DeBERTa's disentangled attention has no SDPA path
             model = AutoModelForSequenceClassification.from_config(wl.config(smoke), dtype=wl.base_dtype)
-    else:
-        with torch.device(device):
+        else:
             model = AutoModelForCausalLM.from_config(wl.config(smoke), dtype=wl.base_dtype, attn_implementation="sdpa")
-    return model.train()  # dropout on, as in fine-tuning (DeBERTa has 0.1; Llama has none)
+    # .to: a no-op when the device context did its job; dropout stays on, as in fine-tuning
+    return model.to(device).train()
 
 
 def make_batch(wl: Workload, vocab: int, batch: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
@@ -149,6 +150,7 @@ class Rig:
     opt: torch.optim.Optimizer | None = None
     allocate: Callable[[], Any] | None = None  # called after opt.step(), before zero_grad
     penalty: Callable[[], torch.Tensor] | None = None  # added to the loss by the loop
+    grad_hook: Callable[[], Any] | None = None  # after backward, before the optimizer (our orth gradient)
     allocator: adarank.RankAllocator | None = None
     info: dict = field(default_factory=dict)
 
@@ -191,7 +193,8 @@ def build_rig(variant: str, model: nn.Module, wl: Workload, device: torch.device
         rig.allocator = adarank.RankAllocator(named, schedule, budget.target_total)
         rig.allocate = rig.allocator.step
         layers = [m for _, m in named]  # the same modules after a shrink (only their parameters change)
-        rig.penalty = lambda: ORTH_WEIGHT * adarank.orth_penalty(layers)
+        # as adarank/train.py does: the regulariser's gradient in closed form, added after backward
+        rig.grad_hook = lambda: orth_grad_(layers, ORTH_WEIGHT)
     else:
         raise ValueError(f"--variants: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
@@ -232,6 +235,8 @@ def train_step(rig: Rig, batch: dict, amp: str) -> None:
     loss.backward()
     if rig.opt is None:  # floor: nothing to update
         return
+    if rig.grad_hook is not None:
+        rig.grad_hook()
     rig.opt.step()
     if rig.allocate is not None:
         rig.allocate()  # on the gradients of this step, before they are cleared
@@ -269,6 +274,8 @@ def time_allocator(rig: Rig, batch: dict, device: torch.device, n: int) -> dict[
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 pen = rig.penalty()
             pen.backward()
+        if rig.grad_hook is not None:
+            rig.grad_hook()
         sync(device)
         t1 = time.perf_counter()
         rig.opt.step()
@@ -280,7 +287,7 @@ def time_allocator(rig: Rig, batch: dict, device: torch.device, n: int) -> dict[
         rig.opt.zero_grad(set_to_none=True)
         orth.append(1e3 * (t1 - t0))
         alloc.append(1e3 * (t3 - t2))
-    orth_ms = float(np.median(orth)) if rig.penalty is not None else None
+    orth_ms = float(np.median(orth)) if rig.penalty is not None or rig.grad_hook is not None else None
     call_ms = float(np.median(alloc))
     return {"alloc_call_ms": call_ms, "orth_ms": orth_ms, "alloc_ms": call_ms + (orth_ms or 0.0)}
 
@@ -377,6 +384,8 @@ RATIOS = {
     "adalora_final/lora": ("adalora_final", "lora", "median_ms"),
     "adalora_final_mem/lora_mem": ("adalora_final", "lora", "peak_gib"),
     "lora+compile/lora": ("lora+compile", "lora", "median_ms"),
+    "lora+compile/floor+compile": ("lora+compile", "floor+compile", "median_ms"),
+    "adalora+compile/floor+compile": ("adalora+compile", "floor+compile", "median_ms"),
     "adalora+compile/lora+compile": ("adalora+compile", "lora+compile", "median_ms"),
     "adalora_final+compile/lora+compile": ("adalora_final+compile", "lora+compile", "median_ms"),
 }
@@ -478,12 +487,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=lambda s: tuple(int(x) for x in s.split("x")), default=None,
                    help="override every workload's batch, e.g. 4x1024")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; variants not started by then are recorded as skipped (default 420; smoke: none)")
+                   help="seconds; variants not started by then are recorded as skipped (default 400; smoke: none; 0: none)")
     p.add_argument("--resume", action="store_true",
                    help="keep the measured variants already in --out; run only the missing, skipped or failed ones")
     p.add_argument("--smoke", action="store_true", help="tiny configs, CPU-friendly, a few steps")
     args = p.parse_args(argv)
-    defaults = dict(steps=3, warmup=1, alloc_steps=2, time_budget=0.0) if args.smoke else dict(steps=30, warmup=10, alloc_steps=15, time_budget=420.0)
+    defaults = dict(steps=3, warmup=1, alloc_steps=2, time_budget=0.0) if args.smoke else dict(steps=30, warmup=10, alloc_steps=15, time_budget=400.0)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

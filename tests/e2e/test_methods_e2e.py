@@ -1,0 +1,138 @@
+"""Real short runs: every method for 20 steps, and every experiment file in fast mode."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+import adarank.data
+import adarank.run
+from adarank.inject import svd_adapters
+from adarank.schedule import budget_at
+
+from . import GLUE_FIXTURES, capture_models, compose_config, one_thread, run, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RESULT_KEYS = {
+    "experiment", "task", "method", "model", "budget", "seed", "metric", "value", "best_value", "metrics",
+    "trainable_params", "trainable_share", "steps", "seconds", "final_ranks", "budget_curve", "config",
+    "git_sha", "versions", "device",
+}
+METHODS = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
+EXPERIMENTS = sorted(p.stem for p in Path(adarank.run.CONF_DIR, "experiment").glob("*.yaml"))
+
+# The tiny random BERT under config.yaml's method.r=2: 2 layers x 6 adapted matrices (q, k, v, attention
+# output, FFN in, FFN out), initial rank ceil(1.5 x 2) = 3, so the budget goes from 36 to 24 triplets.
+N_MODULES, R, INIT_RANK = 12, 2, 3
+T, T_INIT, T_FINAL = 20, 2, 4  # init_frac 0.1 and final_frac 0.2 of T
+
+
+def _finite_numbers(d: dict) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for k, v in d.items() if k != "step")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_20_steps(tmp_path, monkeypatch, method):
+    models = capture_models(monkeypatch)
+    res = run(tiny_config(tmp_path, f"method={method}"), tmp_path / "out")
+
+    assert set(res) == RESULT_KEYS
+    assert (res["experiment"], res["task"], res["method"], res["model"], res["seed"]) == (
+        "quickstart", "tweets", method, "tiny_random", 0)
+    assert res["steps"] == T and res["metric"] == "accuracy"
+    assert res["budget"] == (None if method == "full" else R)
+    for key in ("value", "best_value", "trainable_share", "seconds"):
+        assert math.isfinite(res[key]), key
+    assert _finite_numbers(res["metrics"]["final"]) and _finite_numbers(res["metrics"]["best"])
+    assert res["metrics"]["final"]["step"] == T and 1 <= res["metrics"]["best_step"] <= T
+    assert res["value"] == res["metrics"]["final"]["validation/accuracy"]
+    assert res["trainable_params"] > 0
+    if method == "full":
+        assert res["trainable_share"] == 1.0
+    else:  # of the base model only: PEFT's adapters and module copies do not count as base
+        assert 0 < res["trainable_share"] < 0.01
+    assert res["config"]["method"]["name"] == method and res["versions"]["torch"]
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()  # removed once the run finished
+
+    if method not in ("adalora", "peft_adalora"):
+        assert res["final_ranks"] == {} and res["budget_curve"] == []
+        return
+    init_total, target_total = INIT_RANK * N_MODULES, R * N_MODULES
+    assert len(res["final_ranks"]) == N_MODULES
+    assert sum(res["final_ranks"].values()) == target_total
+    # the cubic schedule, step by step: from the initial total to the target total
+    assert res["budget_curve"] == [[t, budget_at(t, init_total, target_total, T_INIT, T_FINAL, T)[0]] for t in range(1, T + 1)]
+    assert res["budget_curve"][0][1] == init_total and res["budget_curve"][-1][1] == target_total
+    assert (tmp_path / "out" / "rank_heatmap.png").is_file() and (tmp_path / "out" / "budget_curve.png").is_file()
+
+    if method == "adalora":  # shrink=true: pruned triplets are gone from the parameters themselves
+        (model,) = models
+        layers = dict(svd_adapters(model))
+        assert {name: m.r for name, m in layers.items()} == res["final_ranks"]
+        assert all(m.lam.shape == (m.r,) and m.P.shape[1] == m.Q.shape[0] == m.r for m in layers.values())
+        adapter_params = sum(m.r * (m.in_features + m.out_features + 1) for m in layers.values())
+        initial = sum(INIT_RANK * (m.in_features + m.out_features + 1) for m in layers.values())
+        assert adapter_params < initial
+        assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) < res["trainable_params"]
+
+
+def test_adalora_without_shrink_keeps_the_shapes_and_masks(tmp_path, monkeypatch):
+    models = capture_models(monkeypatch)
+    res = run(tiny_config(tmp_path, "method=adalora", "method.shrink=false", "train.max_steps=10"), tmp_path / "out")
+    (model,) = models
+    layers = dict(svd_adapters(model))
+    assert all(m.r == INIT_RANK for m in layers.values())
+    assert {name: int((m.lam != 0).sum()) for name, m in layers.items()} == res["final_ranks"]
+    assert sum(res["final_ranks"].values()) == R * N_MODULES
+
+
+def _experiment_overrides(name: str, tmp_path: Path) -> list[str]:
+    # The GLUE fixtures hold 1-5 training rows: half of them are carved off as the validation split.
+    return [f"+experiment={name}", f"data.dir={GLUE_FIXTURES}", "data.val_fraction=0.5", "train.max_steps=3",
+            "data.max_train_samples=64", "data.max_eval_samples=32"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_runs_in_fast_mode(tmp_path, name):
+    cfg = tiny_config(tmp_path, *_experiment_overrides(name, tmp_path))
+    assert cfg.experiment_name == name and cfg.model.name == "tiny_random"
+    assert adarank.run.preflight(cfg) == 3
+    res = run(cfg, tmp_path / "out")
+    assert res["steps"] == 3 and res["experiment"] == name and res["task"] == cfg.task.name
+    assert math.isfinite(res["value"])
+
+
+def _sweep_values(name: str) -> list[str]:
+    params = compose_config([f"+experiment={name}"], hydra_config=True).hydra.sweeper.params or {}
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    return [f"{o.get_key_element()}={v}" for o in parsed for v in o.sweep_string_iterator()]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_sweep_params_of_every_experiment_are_valid_overrides(tmp_path, name):
+    values = _sweep_values(name)
+    if name != "quickstart":
+        assert values, f"{name} declares no hydra.sweeper.params"
+    for value in values:
+        cfg = tiny_config(tmp_path, *_experiment_overrides(name, tmp_path), value)
+        key, _, want = value.partition("=")
+        got = OmegaConf.select(OmegaConf.structured(cfg), key)
+        assert str(got.name if OmegaConf.is_config(got) else got) == want, value
+        adarank.run.preflight(cfg)
+
+
+@pytest.mark.parametrize("task", ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"])
+def test_every_glue_task_runs_on_the_fixtures(tmp_path, task):
+    cfg = tiny_config(tmp_path, f"task={task}", f"data.dir={GLUE_FIXTURES}", "data.val_fraction=0.5",
+                      "method=lora", "train.max_steps=3")
+    res = run(cfg, tmp_path / "out")
+    spec = adarank.data.get_task(task)
+    assert res["metric"] == spec.main_metric and res["steps"] == 3 and math.isfinite(res["value"])
+    # every official dev split is evaluated (MNLI: matched and mismatched); the first one is reported
+    assert {f"{s}/{spec.main_metric}" for s in ("val", *spec.dev_splits)} <= set(res["metrics"]["final"])
+    assert res["value"] == res["metrics"]["final"][f"{spec.dev_splits[0]}/{spec.main_metric}"]

@@ -1,0 +1,68 @@
+"""The GPU benchmark (experiments/bench/bench.py) in its CPU smoke mode: it runs end to end and writes
+the JSON the lead's GPU run will write. Each test runs the script in a subprocess, as the lead does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "bench" / "bench.py"
+VARIANTS = ["floor", "peft_lora", "peft_adalora", "lora", "rslora", "adalora", "adalora_final"]
+RATIOS = ["adalora/lora", "lora/floor", "adalora/floor", "adalora_mem/lora_mem", "peft_adalora/peft_lora",
+          "adalora/peft_adalora", "lora/peft_lora"]
+TIMES = ["median_ms", "p10_ms", "p90_ms"]
+
+
+def run_bench(out: Path, *extra: str) -> tuple[dict, str]:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_smoke_all_workloads_and_variants(tmp_path):
+    res, stdout = run_bench(tmp_path / "bench.json")
+    for key in ("gpu", "torch", "transformers", "peft", "dtype", "settings", "workloads"):
+        assert key in res
+    assert res["dtype"]["base_weights"] == {"W1": "float32", "W2": "bfloat16", "W3": "bfloat16"}
+    assert list(res["workloads"]) == ["W1", "W2", "W3"]
+    for name, w in res["workloads"].items():
+        assert list(w["variants"]) == VARIANTS, name
+        for v, r in w["variants"].items():
+            assert "error" not in r and "skipped" not in r, (name, v, r)
+            assert all(isinstance(r[k], float) and r[k] > 0 for k in TIMES), (name, v)
+            assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+            assert r["peak_gib"] is None  # no memory stats on a CPU
+        assert set(RATIOS) <= set(w["ratios"])
+        assert all(isinstance(w["ratios"][k], float) for k in RATIOS if "mem" not in k)
+        assert w["ratios"]["adalora_mem/lora_mem"] is None
+        assert w["alloc_ms"] > 0 and 0 < w["alloc_share"]
+        # the shrunk adapters hold exactly the final budget: target rank 8 per adapted matrix
+        n = w["shape"]["adapted_matrices"]
+        assert w["variants"]["adalora_final"]["ranks_after_shrink"]["total"] == 8 * n
+        assert w["variants"]["adalora"]["trainable_params"] > w["variants"]["lora"]["trainable_params"]
+    assert res["workloads"]["W1"]["shape"]["adapted_matrices"] == 12  # 6 types x 2 layers
+    assert "| variant | median ms |" in stdout
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_smoke_compiled_shrunk_adapters_and_resume(tmp_path, backend):
+    """Regional compilation of blocks whose adapters have different ranks after the shrink traces
+    forward and backward; --resume keeps what was measured and adds the rest."""
+    out = tmp_path / "bench.json"
+    first, _ = run_bench(out, "--workloads", "W2", "--variants", "adalora_final+compile", "--compile-backend", backend)
+    r = first["workloads"]["W2"]["variants"]["adalora_final+compile"]
+    assert r["median_ms"] > 0 and r["ranks_after_shrink"]["total"] == 8 * 14
+    second, _ = run_bench(out, "--workloads", "W2", "--variants", "lora,adalora_final+compile",
+                          "--compile-backend", backend, "--resume")
+    v = second["workloads"]["W2"]["variants"]
+    assert list(v) == ["lora", "adalora_final+compile"]
+    assert v["adalora_final+compile"] == r  # carried over, not measured again
+    assert second["workloads"]["W2"]["ratios"]["adalora_final+compile/lora+compile"] is None
