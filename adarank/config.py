@@ -198,6 +198,8 @@ class TrainConfig:
     """Examples per evaluation batch."""
     progress: bool = True
     """Show a tqdm bar over optimizer steps."""
+    check_masks: bool = False
+    """Debug: after every allocator step, check that all DDP ranks hold the same mask (a collective)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")

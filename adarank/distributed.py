@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "teardown", "check_equal", "barrier"]
+__all__ = ["DistInfo", "setup", "teardown", "check_equal", "barrier", "gather_objects", "mean_over_ranks"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,21 @@ def check_equal(info: DistInfo, tensor: torch.Tensor, what: str) -> None:
     for r, p in enumerate(parts):
         if not torch.equal(p, parts[0]):
             raise RuntimeError(f"{what} differs between rank 0 and rank {r}: the ranks diverged")
+
+
+def gather_objects(info: DistInfo, obj):
+    """Every rank's `obj` as a list on every rank (just [obj] for a single process)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(info: DistInfo, x: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar tensor over ranks (for logging the loss every rank saw)."""
+    if not info.enabled:
+        return x
+    y = x.detach().clone().float()
+    dist.all_reduce(y)
+    return y / info.world_size

@@ -197,7 +197,9 @@ class SVDLinear(_Adapter):
         out = []
         for name, dim in (("P", 1), ("lam", 0), ("Q", 0)):
             old = getattr(self, name)
-            new = nn.Parameter(old.detach().index_select(dim, idx).clone(), requires_grad=old.requires_grad)
+            # A module pruned to rank 0 keeps empty parameters that nothing trains (DDP requires every
+            # trainable parameter to receive a gradient).
+            new = nn.Parameter(old.detach().index_select(dim, idx).clone(), requires_grad=old.requires_grad and idx.numel() > 0)
             setattr(self, name, new)
             out.append((old, new, dim, idx))
         return out

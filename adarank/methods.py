@@ -41,11 +41,12 @@ def apply_method(model: nn.Module, m: MethodConfig, mc: ModelConfig) -> Adapted:
     targets = list(m.targets) if m.targets is not None else list(mc.targets)
     train_modules = list(mc.train_modules)
     dtype = DTYPES[m.adapter_dtype]
+    names = find_targets(model, targets, m.target_regex)
     if m.name == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-        return Adapted(model, param_report(model), "full")
-    names = find_targets(model, targets, m.target_regex)
+        # the targets still matter: their ΔW is saved for the spectrum analysis
+        return Adapted(model, param_report(model), "full", targets=names)
     if m.name in ("lora", "rslora"):
         rep = inject(model, "lora", m.r, m.alpha, targets, m.target_regex, m.dropout, m.rslora or m.name == "rslora", train_modules, dtype)
         return Adapted(model, rep, m.name, targets=names)

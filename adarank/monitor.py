@@ -10,7 +10,7 @@ from torch import nn
 from .inject import adapters
 from .layers import LoraLinear, SVDLinear
 
-__all__ = ["adapter_norms", "NormWatch"]
+__all__ = ["adapter_norms", "base_norms", "NormWatch"]
 
 
 @torch.no_grad()
@@ -38,14 +38,23 @@ def adapter_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def base_norms(model: nn.Module) -> dict[str, float]:
+    """‖W‖_F of the frozen weight under every adapter (read once: it never changes)."""
+    return {name: float(m.base.weight.float().norm()) for name, m in adapters(model)}
+
+
 class NormWatch:
     """Warns once per module and epoch when ‖ΔW‖_F grows more than `factor`× within an epoch.
 
-    The reference is the first nonzero norm seen in the epoch (LoRA starts at ΔW = 0).
+    The reference is the first norm seen in the epoch, but never less than `floor_frac`·‖W‖_F of the
+    frozen weight: adapters start at ΔW = 0 (LoRA's B = 0, AdaLoRA's λ = 0), and growing tenfold from a
+    negligible update is learning, not the "alpha too high" blow-up this is meant to catch.
     """
 
-    def __init__(self, factor: float = 10.0) -> None:
+    def __init__(self, factor: float = 10.0, floors: dict[str, float] | None = None, floor_frac: float = 0.01) -> None:
         self.factor = factor
+        self.floors = {k: floor_frac * v for k, v in (floors or {}).items()}
         self.epoch = -1
         self.ref: dict[str, float] = {}
         self.warned: set[str] = set()
@@ -57,8 +66,9 @@ class NormWatch:
         for name, v in norms.items():
             ref = self.ref.get(name)
             if ref is None:
-                if v > 0:
-                    self.ref[name] = v
+                ref = max(v, self.floors.get(name, 0.0))
+                if ref > 0:
+                    self.ref[name] = ref
             elif v > self.factor * ref and name not in self.warned:
                 self.warned.add(name)
                 msgs.append(

@@ -185,6 +185,22 @@ def check_out_dir(out_dir: str, cfg: Config) -> None:
         os.remove(os.path.join(out_dir, CKPT_NAME))
 
 
+def pin_gpu(cfg: Config) -> None:
+    """In a multirun on a host with several GPUs (e.g. the joblib launcher), job k takes GPU k mod n.
+    torchrun jobs (WORLD_SIZE set) and explicit train.device settings are left alone."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.train.device != "auto" or "WORLD_SIZE" in os.environ:
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    hc = HydraConfig.get()
+    if n > 1 and hc.mode == RunMode.MULTIRUN:
+        cfg.train.device = f"cuda:{hc.job.num % n}"
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _app(dcfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
@@ -194,6 +210,7 @@ def _app(dcfg: DictConfig) -> float | None:
     out_dir = HydraConfig.get().runtime.output_dir
     try:
         cfg = to_config(dcfg)
+        pin_gpu(cfg)
         check_out_dir(out_dir, cfg)
         preflight(cfg)
     except USER_ERRORS as e:

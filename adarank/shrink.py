@@ -31,13 +31,17 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, swaps: Sequence[Swap]) -> 
     """Point the optimizer at the new parameters and slice each per-element state tensor."""
     by_old = {id(old): (new, dim, idx) for old, new, dim, idx in swaps}
     for group in optimizer.param_groups:
-        for i, p in enumerate(group["params"]):
+        kept = []
+        for p in group["params"]:
             hit = by_old.get(id(p))
             if hit is None:
+                kept.append(p)
                 continue
             new, dim, idx = hit
-            group["params"][i] = new
             state = optimizer.state.pop(p, None)
+            if not new.requires_grad:  # pruned to rank 0: nothing left to optimise
+                continue
+            kept.append(new)
             if state is not None:
                 optimizer.state[new] = {
                     k: v.index_select(dim, idx.to(v.device)).clone()
@@ -45,3 +49,4 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, swaps: Sequence[Swap]) -> 
                     else v
                     for k, v in state.items()
                 }
+        group["params"] = kept

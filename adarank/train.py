@@ -7,6 +7,7 @@ weight·R in closed form, batched). Nobody has to remember a hook.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -22,12 +23,14 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import distributed as dist_
 from .atomic import atomic_write_json
 from .config import Config
 from .data import Batches, compute_metrics, encode, load_task
+from .allocator import RankAllocator
 from .methods import Adapted, apply_method, build_allocator
 from .models import load_model, load_tokenizer
-from .monitor import NormWatch, adapter_norms
+from .monitor import NormWatch, adapter_norms, base_norms
 
 __all__ = ["train", "TrainingDiverged", "total_steps"]
 
@@ -117,6 +120,11 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     os.makedirs(out_dir, exist_ok=True)
     m, tc = cfg.method, cfg.train
     device = pick_device(tc.device)
+    dist = dist_.setup(device.type)  # torchrun: one process per GPU; a no-op otherwise
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if not dist.is_main:
+        log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
     amp = amp_dtype(tc.precision, device)
     state = ckpt.load(out_dir) if cfg.resume else None
     if cfg.resume and os.path.exists(os.path.join(out_dir, "results.json")) and state is None:
@@ -138,7 +146,9 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
             # a fixed random subset (seed 0, not the run seed): every run is scored on the same rows
             ds = ds.select(np.random.default_rng(0).permutation(len(ds))[: cfg.data.max_eval_samples])
         enc[name] = encode(ds, tokenizer, task.text_fields, cfg.task.max_length, cache)
-    train_batches = Batches(enc["train"], tc.batch_size, shuffle=True, seed=cfg.seed, pin_memory=device.type == "cuda")
+    # train.batch_size is per process: the global batch is batch_size × world_size × grad_accum
+    train_batches = Batches(enc["train"], tc.batch_size, shuffle=True, seed=cfg.seed, rank=dist.rank,
+                            world_size=dist.world_size, pin_memory=device.type == "cuda")
     eval_sets = {k: Batches(v, tc.eval_batch_size, shuffle=False) for k, v in enc.items() if k not in ("train", "test")}
 
     # ---- model and method ----------------------------------------------------------------------
@@ -146,6 +156,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     model = load_model(cfg.model.name_or_path, task.num_labels, cfg.model.dtype, cfg.model.random_config, len(tokenizer), tokenizer.pad_token_id)
     adapted: Adapted = apply_method(model, m, cfg.model)
     model = adapted.model.to(device)
+    full_init = _target_weights(model, adapted) if m.name == "full" else None  # for ΔW of full fine-tuning
     T = total_steps(len(train_batches), tc.epochs, tc.grad_accum, tc.max_steps)
     allocator = build_allocator(adapted, m, T)
     log(f"{m.name}: {adapted.report.summary()}; T={T} optimizer steps")
@@ -168,26 +179,41 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         scaler.load_state_dict(state["scaler"])
         start_step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         history = state["history"]
-        ckpt.set_rng_state(state["rng"])
+        rng = state["rng"]
+        ckpt.set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
         log(f"resumed from step {start_step}")
-    fwd = torch.compile(model) if tc.compile else model
+
+    def wrap() -> nn.Module:
+        """The module the loop calls: DDP averages gradients across ranks, compile fuses kernels."""
+        net = model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(net) if tc.compile else net
+
+    fwd = wrap()
+    ddp = fwd if dist.enabled and not tc.compile else getattr(fwd, "_orig_mod", fwd)
 
     tracker = Tracker(
         mode=cfg.wandb.mode, project=cfg.wandb.project, group=cfg.experiment_name, job_type=m.name,
         tags=[cfg.task.name, m.name, cfg.model.name], name=os.path.basename(os.path.normpath(out_dir)),
         config=_plain(cfg), out_dir=out_dir, run_id=history["wandb_id"], resume=state is not None,
+        enabled=dist.is_main,
     )
     history["wandb_id"] = tracker.run_id
     main_key = f"{task.dev_splits[0]}/{task.main_metric}"
     val_key = f"val/{task.main_metric}"
     eval_every = tc.eval_every or math.ceil(len(train_batches) / tc.grad_accum)
     ckpt_every = tc.checkpoint_every or eval_every
-    watch = NormWatch()
+    watch = NormWatch(floors=base_norms(model))
 
     def run_eval(step: int) -> dict[str, float]:
         res: dict[str, float] = {}
+        # Every rank scores the full sets with the plain model (no DDP hooks), so all ranks agree on
+        # the best step without a collective; only rank 0 logs.
         for name, b in eval_sets.items():
-            res.update(evaluate(fwd, b, task, device, amp, prefix=f"{name}/"))
+            res.update(evaluate(model, b, task, device, amp, prefix=f"{name}/"))
         history["evals"].append({"step": step, **res})
         best = history["best"]
         if best is None or res[val_key] > best[val_key]:
@@ -213,19 +239,22 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         weights = ckpt.trainable_state(model)
         if not all(torch.isfinite(v).all() for v in weights.values()):
             raise diverged("trainable weights are not finite")
-        ckpt.save(out_dir, {
-            "model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "allocator": allocator.state_dict() if allocator is not None else None,
-            "rng": ckpt.rng_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history,
-            "loss_sum": loss_sum.item(), "loss_n": loss_n,  # the loss logged next averages over the same steps
-        })
+        rng = dist_.gather_objects(dist, ckpt.rng_state())  # every rank's RNG, so each resumes exactly
+        if dist.is_main:
+            ckpt.save(out_dir, {
+                "model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "allocator": allocator.state_dict() if allocator is not None else None,
+                "rng": rng, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history,
+                "loss_sum": loss_sum.item(), "loss_n": loss_n,  # the loss logged next averages over the same steps
+            })
+        dist_.barrier(dist)
         last_ckpt = step
 
     # ---- the loop ------------------------------------------------------------------------------
     model.train()
     step = start_step
     bar = None
-    if tc.progress:
+    if tc.progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=T, initial=step, desc=f"{m.name} {cfg.task.name}", dynamic_ncols=True, file=sys.stderr)
@@ -240,9 +269,13 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
             micro = 0
             for batch in train_batches:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = fwd(**batch).loss
-                scaler.scale(loss / tc.grad_accum).backward()
+                last_micro = (micro + 1) % tc.grad_accum == 0 or batch_in_epoch + 1 >= len(train_batches)
+                # DDP all-reduces gradients only on the last micro-batch of an optimizer step
+                sync = ddp.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        loss = fwd(**batch).loss
+                    scaler.scale(loss / tc.grad_accum).backward()
                 loss_sum += loss.detach().float()
                 loss_n += 1
                 batch_in_epoch += 1
@@ -265,15 +298,21 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                 sched.step()
                 step += 1
                 if allocator is not None:
+                    # the gradients are DDP's averages here, so every rank computes the same masks
                     alloc_res = allocator.step(update_importance=not skipped)
                     history["budget_curve"].append([step, alloc_res.budget])
+                    if tc.check_masks and isinstance(allocator, RankAllocator):
+                        dist_.check_equal(dist, allocator.mask, f"the allocator mask at step {step}")
                     if alloc_res.phase == "final" and m.shrink and m.name == "adalora" and not allocator.shrunk:
                         allocator.shrink(opt)
                         params = [p for p in model.parameters() if p.requires_grad]
+                        if dist.enabled or tc.compile:
+                            fwd = wrap()  # DDP's gradient buckets were built for the old shapes
+                            ddp = fwd if dist.enabled and not tc.compile else getattr(fwd, "_orig_mod", fwd)
                 opt.zero_grad(set_to_none=True)
 
                 if step % tc.log_every == 0 or step == T:
-                    mean_loss = (loss_sum / max(loss_n, 1)).item()
+                    mean_loss = dist_.mean_over_ranks(dist, loss_sum / max(loss_n, 1)).item()
                     if not math.isfinite(mean_loss):
                         raise diverged(f"loss is {mean_loss}")
                     scalars: dict[str, float] = {"train/loss": mean_loss, "train/lr": sched.get_last_lr()[0], "train/epoch": epoch}
@@ -346,13 +385,39 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         "config": _plain(cfg), "git_sha": _git_sha(), "versions": _versions(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
     }
-    atomic_write_json(os.path.join(out_dir, "results.json"), results)
+    if dist.is_main:
+        save_trained(model, adapted, m.name, list(cfg.model.train_modules), out_dir, full_init)
+        atomic_write_json(os.path.join(out_dir, "results.json"), results)
     tracker.summary({"final/" + k: v for k, v in final.items()} | {"best/" + k: v for k, v in best.items()})
     tracker.finish()
+    dist_.barrier(dist)
     ck = os.path.join(out_dir, ckpt.CKPT_NAME)
-    if os.path.exists(ck):
+    if dist.is_main and os.path.exists(ck):
         os.remove(ck)  # the run finished: results.json is the record, the checkpoint is obsolete
     return results
+
+
+def _target_weights(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
+    """CPU copies of the weights of the adapter targets, to write ΔW of full fine-tuning at the end."""
+    return {n: model.get_submodule(n).weight.detach().float().cpu().clone() for n in adapted.targets}
+
+
+def save_trained(model: nn.Module, adapted: Adapted, method: str, train_modules: list[str], out_dir: str,
+                 full_init: dict[str, torch.Tensor] | None) -> None:
+    """What a run trained: `adapter/` in PEFT's LoRA format (servable as is), or `delta.safetensors`
+    (ΔW = W_end − W_start of the adapter targets) for full fine-tuning. `adarank.analyze` reads both."""
+    from safetensors.torch import save
+
+    from .atomic import atomic_write_bytes
+    from .export import export_peft
+
+    if method in ("lora", "rslora", "adalora"):
+        export_peft(model, os.path.join(out_dir, "adapter"), modules_to_save=train_modules)
+    elif method in ("peft_lora", "peft_adalora"):
+        model.save_pretrained(os.path.join(out_dir, "adapter"))
+    elif full_init is not None:
+        delta = {n: (model.get_submodule(n).weight.detach().float().cpu() - w0).contiguous() for n, w0 in full_init.items()}
+        atomic_write_bytes(os.path.join(out_dir, "delta.safetensors"), save(delta))
 
 
 def _plain(cfg: Config) -> dict[str, Any]:

@@ -60,3 +60,21 @@ def test_norm_watch_warns_once_per_module_and_epoch():
     assert watch.check({"a": 100.0, "b": 20.0}, epoch=1) == []
     assert watch.check({"a": 900.0, "b": 20.0}, epoch=1) == []
     assert [m.split()[3] for m in watch.check({"a": 1001.0, "b": 201.0}, epoch=1)] == ["a", "b"]
+
+
+def test_norm_watch_reference_is_floored_by_the_base_weight_norm():
+    # ‖W‖ = 50 gives a floor of 0.5: growing from 0.01 to 0.4 is an adapter leaving zero, not a blow-up
+    watch = NormWatch(factor=10.0, floors={"a": 50.0})
+    assert watch.check({"a": 0.01}, epoch=0) == []
+    assert watch.check({"a": 0.4}, epoch=0) == []
+    assert watch.check({"a": 5.0}, epoch=0) == []  # exactly 10x the floor
+    (msg,) = watch.check({"a": 6.0}, epoch=0)
+    assert msg.startswith("adapter norm of a grew 12.0x within epoch 0 (0.5 -> 6)")
+
+
+def test_base_norms_reads_the_frozen_weights():
+    from adarank.monitor import base_norms
+
+    base = torch.nn.Linear(4, 3)
+    model = torch.nn.Sequential(adarank.LoraLinear(base, r=2, alpha=2.0))
+    assert base_norms(model) == {"0": pytest.approx(float(base.weight.norm()))}
