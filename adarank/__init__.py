@@ -10,7 +10,7 @@ from .export import export_peft
 from .importance import SCORES
 from .inject import ParamReport, adapters, find_targets, inject, param_report, svd_adapters
 from .layers import LoraLinear, SVDLinear
-from .orth import orth_penalty
+from .orth import orth_grad_, orth_penalty
 from .schedule import Budget, Schedule, budget_at, make_schedule, resolve_budget
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "find_targets",
     "inject",
     "make_schedule",
+    "orth_grad_",
     "orth_penalty",
     "param_report",
     "resolve_budget",

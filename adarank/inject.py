@@ -107,7 +107,7 @@ def unfreeze(model: nn.Module, train_modules: Iterable[str]) -> None:
         if not hits:
             top = sorted({n.split(".")[0] for n in mods if n})
             raise ValueError(
-                f"method.train_modules: '{suffix}' matches no module; top-level modules are: {', '.join(top)}"
+                f"model.train_modules: '{suffix}' matches no module; top-level modules are: {', '.join(top)}"
             )
         for n in hits:
             for p in mods[n].parameters():

@@ -146,10 +146,7 @@ def preflight(cfg: Config) -> int:
     if m.name != "full":
         targets = list(m.targets) if m.targets is not None else list(cfg.model.targets)
         names = find_targets(model, targets, m.target_regex)
-        try:
-            unfreeze(model, cfg.model.train_modules)
-        except ValueError as e:  # inject names its argument; the field users set is model.train_modules
-            raise ValueError(str(e).replace("method.train_modules", "model.train_modules")) from None
+        unfreeze(model, cfg.model.train_modules)
         if m.adaptive:
             method_budget(model, m, names)
             make_schedule(T, m.init_frac, m.final_frac, m.delta_t)

@@ -142,6 +142,8 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     cache = cfg.data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "adarank")
     enc = {}
     for name, ds in data.splits.items():
+        if name == "test":
+            continue  # held out: never scored during development (tweets ships one)
         if name != "train" and cfg.data.max_eval_samples is not None and len(ds) > cfg.data.max_eval_samples:
             # a fixed random subset (seed 0, not the run seed): every run is scored on the same rows
             ds = ds.select(np.random.default_rng(0).permutation(len(ds))[: cfg.data.max_eval_samples])
@@ -373,7 +375,11 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         bpath = budget_curve(history["budget_curve"], os.path.join(out_dir, "budget_curve.png"), title=f"{m.name} {cfg.task.name}")
         if bpath:
             tracker.log_image("budget_curve", bpath, step)
-    budget = None if m.name == "full" else m.r
+    # the final average rank: method.r, or what a total-rank / parameter target resolved to
+    budget: float | None = None if m.name == "full" else m.r
+    if adapted.target_total and adapted.targets:
+        avg = adapted.target_total / len(adapted.targets)
+        budget = int(avg) if avg == int(avg) else round(avg, 3)
     results = {
         "experiment": cfg.experiment_name, "task": cfg.task.name, "method": m.name, "model": cfg.model.name,
         "budget": budget, "seed": cfg.seed, "metric": task.main_metric,

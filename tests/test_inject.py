@@ -69,7 +69,7 @@ def test_invalid_regex_unknown_kind_and_no_targets_raise():
         adarank.inject(tiny_bert(), "dora", r=2, alpha=2, targets=["query"])
     with pytest.raises(ValueError, match="method.targets"):
         find_targets(tiny_bert())
-    with pytest.raises(ValueError, match="method.train_modules: 'nope'"):
+    with pytest.raises(ValueError, match="model.train_modules: 'nope'"):
         adarank.inject(tiny_bert(), "svd", r=2, alpha=2, targets=["query"], train_modules=["nope"])
 
 

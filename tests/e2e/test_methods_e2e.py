@@ -136,3 +136,11 @@ def test_every_glue_task_runs_on_the_fixtures(tmp_path, task):
     # every official dev split is evaluated (MNLI: matched and mismatched); the first one is reported
     assert {f"{s}/{spec.main_metric}" for s in ("val", *spec.dev_splits)} <= set(res["metrics"]["final"])
     assert res["value"] == res["metrics"]["final"][f"{spec.dev_splits[0]}/{spec.main_metric}"]
+
+
+def test_budget_reported_for_a_total_rank_target(tmp_path):
+    """results.json's budget is the final average rank, also when the target was given as a total."""
+    res = run(tiny_config(tmp_path, "method=adalora", f"method.target_total_rank={3 * N_MODULES}",
+                          "method.init_rank=4", "train.max_steps=10"), tmp_path / "out")
+    assert res["budget"] == 3 and sum(res["final_ranks"].values()) == 3 * N_MODULES
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()  # the trained adapter is saved
