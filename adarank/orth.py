@@ -28,16 +28,23 @@ def _gram_residual(mats: list[torch.Tensor], left: bool) -> torch.Tensor:
     return torch.linalg.matrix_norm(g - eye)
 
 
-def orth_penalty(layers: Sequence[SVDLinear], form: str = "mean_norm") -> torch.Tensor:
-    """R over all SVD adapters: one stack + batched matmul per distinct matrix shape, never per layer."""
+def _shape_groups(layers: Sequence[SVDLinear], form: str) -> dict[tuple, list[torch.nn.Parameter]]:
+    """P and Q of every live adapter, grouped by role and shape (rank-0 adapters have nothing to keep
+    orthogonal)."""
     if form not in ORTH_FORMS:
         raise ValueError(f"method.orth_form: must be one of {ORTH_FORMS}, got {form!r}")
-    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    groups: dict[tuple, list[torch.nn.Parameter]] = defaultdict(list)
     for layer in layers:
         if layer.r == 0:
             continue
         groups[("P",) + tuple(layer.P.shape)].append(layer.P)
         groups[("Q",) + tuple(layer.Q.shape)].append(layer.Q)
+    return groups
+
+
+def orth_penalty(layers: Sequence[SVDLinear], form: str = "mean_norm") -> torch.Tensor:
+    """R over all SVD adapters: one stack + batched matmul per distinct matrix shape, never per layer."""
+    groups = _shape_groups(layers, form)
     if not groups:
         return torch.zeros(())
     # fp32 even under autocast: the Gram diagonal sits near 1, where bf16 resolves only ~0.4%
@@ -58,14 +65,7 @@ def orth_grad_(layers: Sequence[SVDLinear], weight: float, form: str = "mean_nor
     one multi-tensor add instead of an autograd graph with a node per matrix. Call it once per optimizer
     step, after gradients are unscaled and before clipping.
     """
-    if form not in ORTH_FORMS:
-        raise ValueError(f"method.orth_form: must be one of {ORTH_FORMS}, got {form!r}")
-    groups: dict[tuple, list[torch.nn.Parameter]] = defaultdict(list)
-    for layer in layers:
-        if layer.r == 0:
-            continue
-        groups[("P",) + tuple(layer.P.shape)].append(layer.P)
-        groups[("Q",) + tuple(layer.Q.shape)].append(layer.Q)
+    groups = _shape_groups(layers, form)
     if not groups:
         return torch.zeros(())
     n_mats = 2 * len(layers)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
 import numpy as np
@@ -26,29 +25,19 @@ import torch
 import torch.nn.functional as F
 
 from .loader import Batches
+from .tokenize import EncodedSplit
 
 IGNORE = -100  # the label torch's cross_entropy (and transformers' LM losses) skip
 MODES = ("pretrain", "instruct")
 
 
-@dataclass
-class EncodedLM:
-    """Token rows for causal LM training; the same fields as `EncodedSplit`, with per-token labels."""
+class EncodedLM(EncodedSplit):
+    """Token rows for causal LM training: an `EncodedSplit` whose labels are per token.
 
-    input_ids: torch.Tensor
-    """(N, L) int32, right-padded with the pad id; L = block_size when packed, else the longest row."""
-    lengths: torch.Tensor
-    """(N,) int32 number of real tokens in each row."""
-    labels: torch.Tensor
-    """(N, L) int64 target ids aligned with input_ids (the model shifts them); -100 where no loss is taken."""
-    token_type_ids: torch.Tensor | None = None
-    """Always None (decoders have no segments); present so code written for `EncodedSplit` works."""
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def to_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+    input_ids (N, L) int32 right-padded (L = block_size when packed, else the longest row); lengths (N,);
+    labels (N, L) int64 aligned with input_ids (the model shifts them), -100 where no loss is taken;
+    token_type_ids always None (decoders have no segments).
+    """
 
     def num_target_tokens(self) -> int:
         """Tokens that carry a loss (before the model's shift, which drops each row's first label)."""
