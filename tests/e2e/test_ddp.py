@@ -11,7 +11,6 @@ import json
 import os
 import socket
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
