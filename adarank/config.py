@@ -255,6 +255,16 @@ class Config:
     overwrite: bool = False
     """Allow starting over in an output dir that already holds a run."""
 
+    def __post_init__(self) -> None:
+        # fp16 weights that train (the head, or everything with method=full) cannot go through the
+        # GradScaler, which refuses fp16 gradients
+        _check(
+            not (self.model.dtype == "float16" and self.train.precision == "fp16"),
+            "model.dtype",
+            "float16 base weights with train.precision=fp16 would train the head in fp16, which the GradScaler "
+            "refuses; use model.dtype=bfloat16 or float32, or train.precision=bf16",
+        )
+
 
 def register() -> None:
     """Register the schemas so YAML files are type-checked against them."""

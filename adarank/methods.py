@@ -125,14 +125,16 @@ class PeftAllocator:
     def step(self, update_importance: bool = True) -> Allocation:
         self.t += 1
         t, sch = self.t, self.schedule
-        if update_importance:
+        end = sch.total - sch.t_final
+        # PEFT updates no importance from T - t_f on, so those calls (the final mask, the re-masking)
+        # are safe even on a step whose gradients the fp16 scaler rejected
+        if update_importance or t >= end:
             self.model.base_model.update_and_allocate(t)
         budget, _ = self.ra.budget_schedule(t)
         lam = [p.detach().flatten() for _, p in self._lora_E()]
         mask = torch.cat(lam) != 0
         sizes = torch.tensor([x.numel() for x in lam], device=mask.device)
         ends = sizes.cumsum(0)
-        end = sch.total - sch.t_final
         phase = "init" if t <= sch.t_init else ("budget" if t < end else "final")
         return Allocation(t, budget, phase, False, None, mask, (ends - sizes, ends), self.names)
 

@@ -6,6 +6,9 @@ naming the field or file, before any model weights load. Tracebacks are for bugs
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import math
 import os
 import re
@@ -20,6 +23,7 @@ from .config import Config, register
 
 CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "conf"))
 EXIT_USAGE = 2
+MAX_CHECKED_COMBINATIONS = 256  # a multirun checks every job up to this many
 EXIT_DIVERGED = 3
 #: What a user mistake raises: composition, type and value checks, missing files.
 USER_ERRORS = (HydraException, OmegaConfBaseException, ValueError, OSError, KeyError)
@@ -78,6 +82,9 @@ def _variants(overrides: list[str]) -> list[list[str]] | None:
         else:
             by_key[key] = [o.input_line]
     choices = list(by_key.values())
+    if math.prod(len(c) for c in choices) <= MAX_CHECKED_COMBINATIONS:
+        return [list(c) for c in itertools.product(*choices)]  # every job of the sweep
+    # a huge sweep: every value at least once, the other keys at their first value
     first = [c[0] for c in choices]
     out = [first]
     for i, c in enumerate(choices):
@@ -127,7 +134,7 @@ def prevalidate(argv: list[str]) -> str | None:
 
 def preflight(cfg: Config) -> int:
     """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
-    from .data import get_task, load_task
+    from .data import get_task
     from .inject import find_targets, unfreeze
     from .methods import method_budget
     from .models import resolve_path
@@ -138,8 +145,9 @@ def preflight(cfg: Config) -> int:
     pick_device(cfg.train.device)
     if cfg.data.dir is not None and not os.path.isdir(os.path.expanduser(cfg.data.dir)):
         raise FileNotFoundError(f"data.dir: {cfg.data.dir} is not a directory")
-    data = load_task(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
-    n_batches = math.ceil(len(data.splits["train"]) / cfg.train.batch_size)
+    data = _load_task_cached(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each rank sees 1/world of the data
+    n_batches = math.ceil(math.ceil(len(data.splits["train"]) / world) / cfg.train.batch_size)
     T = total_steps(n_batches, cfg.train.epochs, cfg.train.grad_accum, cfg.train.max_steps)
     model = _meta_model(cfg, data.task.num_labels)
     m = cfg.method
@@ -152,6 +160,14 @@ def preflight(cfg: Config) -> int:
             make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
     resolve_path(cfg.model.tokenizer or ("minilm" if cfg.model.name_or_path == "random" else cfg.model.name_or_path))
     return T
+
+
+@functools.lru_cache(maxsize=8)
+def _load_task_cached(*key):
+    """Prevalidating a sweep preflights every job; most share their data, so read it once."""
+    from .data import load_task
+
+    return load_task(*key)
 
 
 def _meta_model(cfg: Config, num_labels: int):
@@ -179,7 +195,9 @@ def check_out_dir(out_dir: str, cfg: Config) -> None:
             f"{out_dir} already holds a run ({', '.join(busy)}); pass resume=true to continue it or overwrite=true to start over"
         )
     if cfg.overwrite and not cfg.resume and CKPT_NAME in busy:
-        os.remove(os.path.join(out_dir, CKPT_NAME))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank removes it
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, CKPT_NAME))
 
 
 def pin_gpu(cfg: Config) -> None:

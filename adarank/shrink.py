@@ -2,6 +2,10 @@
 
 PEFT only masks, so its adapters never get smaller or cheaper. The scale stays α/r_init, so the
 function computed by the kept triplets is unchanged.
+
+One training difference remains, by design: after a shrink the orthogonal regulariser sees only the kept
+columns of P (rows of Q), while a masked adapter (PEFT, or `shrink=false`) keeps regularising the pruned
+ones against the kept ones too. With orth_weight = 0 the two trajectories are identical (tested).
 """
 
 from __future__ import annotations

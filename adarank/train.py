@@ -386,6 +386,8 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         "value": final[main_key], "best_value": best[main_key],
         "metrics": {"final": final, "best": best, "best_step": best["step"]},
         "trainable_params": adapted.report.trainable, "trainable_share": adapted.report.share,
+        # after a shrink (or rank-0 pruning) the adapters are smaller than at the start
+        "trainable_params_final": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps": step, "seconds": round(time.time() - t_start, 2),
         "final_ranks": ranks, "budget_curve": history["budget_curve"],
         "config": _plain(cfg), "git_sha": _git_sha(), "versions": _versions(),

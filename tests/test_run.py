@@ -138,28 +138,44 @@ def test_one_line_joins_hydra_messages_and_causes():
         assert adarank.run.one_line(e) == "Could not find 'm/x'; Available options in 'm': a, b; inner; detail"
 
 
-def test_variants_check_every_sweep_value_once():
+def test_variants_check_every_job_of_a_sweep():
     got = adarank.run._variants(["method=lora,adalora", "seed=0,1", "train.lr=1e-3", "hydra.run.dir=x"])
     assert got == [
         ["method=lora", "seed=0", "train.lr=1e-3"],
-        ["method=adalora", "seed=0", "train.lr=1e-3"],
         ["method=lora", "seed=1", "train.lr=1e-3"],
+        ["method=adalora", "seed=0", "train.lr=1e-3"],
+        ["method=adalora", "seed=1", "train.lr=1e-3"],
     ]
     # a later value of a key replaces the earlier one in place (experiment sweep params, then the command line)
     assert adarank.run._variants(["method.r=1,2", "seed=0,1", "method.r=4"]) == [
         ["method.r=4", "seed=0"], ["method.r=4", "seed=1"]]
 
 
+def test_variants_of_a_huge_sweep_check_every_value_once(monkeypatch):
+    monkeypatch.setattr(adarank.run, "MAX_CHECKED_COMBINATIONS", 3)
+    got = adarank.run._variants(["method=lora,adalora", "seed=0,1"])
+    assert got == [["method=lora", "seed=0"], ["method=adalora", "seed=0"], ["method=lora", "seed=1"]]
+
+
+def test_a_bad_combination_of_sweep_values_is_caught_before_the_sweep(capsys):
+    """Each value is fine alone; only the pair (adalora, max_steps=1) has no budgeting phase."""
+    with pytest.raises(SystemExit) as e:
+        adarank.run.main(["-m", "model=tiny_random", "method=lora,adalora", "train.max_steps=100,1",
+                          "data.max_train_samples=64", "wandb.mode=disabled"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("adarank: error: method.final_frac")
+
+
 @pytest.mark.usefixtures("no_weights")
 def test_an_experiment_sweep_passes_prevalidation(monkeypatch):
-    # every value of budget_sweep's hydra.sweeper.params is composed and preflighted once
+    # every job of budget_sweep's hydra.sweeper.params (3 methods x 5 ranks x 3 seeds) is composed and preflighted
     checked = []
     real = adarank.run.preflight
     monkeypatch.setattr(adarank.run, "preflight", lambda cfg: checked.append((cfg.method.name, cfg.method.r, cfg.seed)) or real(cfg))
     args = ["-m", "+experiment=budget_sweep", *TINY, f"data.dir={GLUE_FIXTURES}", "data.val_fraction=0.5"]
     assert adarank.run.prevalidate(args) is None
-    assert checked == [("lora", 1, 0), ("rslora", 1, 0), ("adalora", 1, 0), *[("lora", r, 0) for r in (2, 4, 8, 16)],
-                       ("lora", 1, 1), ("lora", 1, 2)]
+    assert checked == [(m, r, seed) for m in ("lora", "rslora", "adalora") for r in (1, 2, 4, 8, 16) for seed in (0, 1, 2)]
 
 
 # ---- multirun, and the report over its results -------------------------------------------------

@@ -101,3 +101,23 @@ def test_shrink_before_the_final_mask_raises(steps):
     with pytest.raises(RuntimeError, match="final budget"):
         alloc.shrink(opt)
     assert all(m.r == 4 for _, m in layers)
+
+
+def test_shrink_and_mask_train_identically_without_the_regulariser():
+    """Shrinking changes nothing but shapes: with orth_weight = 0, training after a shrink follows the
+    masked model exactly (the regulariser is the one intended difference; see adarank/shrink.py)."""
+
+    def trajectory(shrink: bool) -> dict[str, torch.Tensor]:
+        model, layers, alloc, opt, batch = run_to(8)
+        if shrink:
+            alloc.shrink(opt)
+        for _ in range(4):
+            model(**batch).loss.backward()
+            opt.step()
+            alloc.step()
+            opt.zero_grad()
+        return {n: m.delta_weight().detach() for n, m in layers}
+
+    masked, shrunk = trajectory(False), trajectory(True)
+    for n in masked:
+        torch.testing.assert_close(shrunk[n], masked[n], rtol=1e-5, atol=1e-7)

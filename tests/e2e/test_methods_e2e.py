@@ -20,7 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 RESULT_KEYS = {
     "experiment", "task", "method", "model", "budget", "seed", "metric", "value", "best_value", "metrics",
-    "trainable_params", "trainable_share", "steps", "seconds", "final_ranks", "budget_curve", "config",
+    "trainable_params", "trainable_share", "trainable_params_final", "steps", "seconds", "final_ranks",
+    "budget_curve", "config",
     "git_sha", "versions", "device",
 }
 METHODS = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
@@ -78,7 +79,8 @@ def test_every_method_runs_20_steps(tmp_path, monkeypatch, method):
         adapter_params = sum(m.r * (m.in_features + m.out_features + 1) for m in layers.values())
         initial = sum(INIT_RANK * (m.in_features + m.out_features + 1) for m in layers.values())
         assert adapter_params < initial
-        assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) < res["trainable_params"]
+        final = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+        assert final == res["trainable_params_final"] < res["trainable_params"]
 
 
 def test_adalora_without_shrink_keeps_the_shapes_and_masks(tmp_path, monkeypatch):
