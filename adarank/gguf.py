@@ -73,6 +73,21 @@ def _parse_once() -> Iterator[None]:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
+def load_gguf_tokenizer(path: str | None = None) -> Any:
+    """The tokenizer stored in a GGUF file (default: SmolLM2's, or $ADARANK_SMOLLM2)."""
+    from transformers import AutoTokenizer
+
+    path = path or os.environ.get("ADARANK_SMOLLM2") or smollm2_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.name_or_path: no GGUF file at {path}")
+    folder, name = os.path.split(os.path.abspath(path))
+    with _parse_once():
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_gguf_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model, tokenizer) from a GGUF file, every weight dequantised to a dense `dtype` tensor.
 

@@ -45,6 +45,10 @@ def load_tokenizer(name_or_path: str, tokenizer: str | None = None):
     from transformers import AutoTokenizer
 
     src = tokenizer or name_or_path
+    if src == "smollm2":
+        from .gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer()
     tok = AutoTokenizer.from_pretrained(resolve_path(src))
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
@@ -72,4 +76,24 @@ def load_model(
     )
     if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoders need it to find the last token
+    return model
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", random_config: dict | None = None,
+                   vocab_size: int | None = None) -> nn.Module:
+    """A causal LM: `smollm2` (the PyPI GGUF, dequantised), `random` (a tiny Llama for tests), or a hub id
+    or folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch_dtype = DTYPES[dtype]
+    if name_or_path == "smollm2":
+        from .gguf import load_gguf_causal_lm, smollm2_path
+
+        model, _ = load_gguf_causal_lm(os.environ.get("ADARANK_SMOLLM2") or smollm2_path(), dtype=torch_dtype)
+    elif name_or_path == "random":
+        cfg = LlamaConfig(vocab_size=vocab_size or 32000, **(random_config or {}))
+        model = LlamaForCausalLM(cfg).to(torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_path(name_or_path), dtype=torch_dtype)
+    model.config.use_cache = False  # training needs no KV cache
     return model

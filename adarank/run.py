@@ -148,8 +148,11 @@ def preflight(cfg: Config) -> int:
     data = _load_task_cached(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each rank sees 1/world of the data
     n_batches = math.ceil(math.ceil(len(data.splits["train"]) / world) / cfg.train.batch_size)
+    # a causal task packs tokens into blocks, so its T is only known after tokenising: unless
+    # train.max_steps fixes it, its schedule is checked when training starts
+    known_T = not data.task.is_causal or cfg.train.max_steps is not None
     T = total_steps(n_batches, cfg.train.epochs, cfg.train.grad_accum, cfg.train.max_steps)
-    model = _meta_model(cfg, data.task.num_labels)
+    model = _meta_model(cfg, data.task.num_labels, data.task.is_causal)
     m = cfg.method
     if m.name != "full":
         targets = list(m.targets) if m.targets is not None else list(cfg.model.targets)
@@ -157,7 +160,8 @@ def preflight(cfg: Config) -> int:
         unfreeze(model, cfg.model.train_modules)
         if m.adaptive:
             method_budget(model, m, names)
-            make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
+            if known_T:
+                make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
     resolve_path(cfg.model.tokenizer or ("minilm" if cfg.model.name_or_path == "random" else cfg.model.name_or_path))
     return T
 
@@ -170,17 +174,31 @@ def _load_task_cached(*key):
     return load_task(*key)
 
 
-def _meta_model(cfg: Config, num_labels: int):
+def _meta_model(cfg: Config, num_labels: int, causal: bool = False):
     """The model's module structure on the meta device: no weights are read or allocated."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, LlamaConfig
 
     from .models import resolve_path
 
-    if cfg.model.name_or_path == "random":
+    name = cfg.model.name_or_path
+    if causal:
+        if name == "random":
+            mcfg = LlamaConfig(**cfg.model.random_config)
+        elif name == "smollm2":
+            from .gguf import smollm2_path
+
+            path = os.environ.get("ADARANK_SMOLLM2") or smollm2_path()
+            folder, fname = os.path.split(os.path.abspath(path))
+            mcfg = AutoConfig.from_pretrained(folder, gguf_file=fname)
+        else:
+            mcfg = AutoConfig.from_pretrained(resolve_path(name))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(mcfg)
+    if name == "random":
         mcfg = BertConfig(num_labels=num_labels, **cfg.model.random_config)
     else:
-        mcfg = AutoConfig.from_pretrained(resolve_path(cfg.model.name_or_path), num_labels=num_labels)
+        mcfg = AutoConfig.from_pretrained(resolve_path(name), num_labels=num_labels)
     with torch.device("meta"):
         return AutoModelForSequenceClassification.from_config(mcfg)
 

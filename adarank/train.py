@@ -29,7 +29,7 @@ from .config import Config
 from .data import Batches, compute_metrics, encode, load_task
 from .allocator import RankAllocator
 from .methods import Adapted, apply_method, build_allocator
-from .models import load_model, load_tokenizer
+from .models import load_causal_lm, load_model, load_tokenizer
 from .monitor import NormWatch, adapter_norms, base_norms
 
 __all__ = ["train", "TrainingDiverged", "total_steps"]
@@ -99,6 +99,12 @@ def _git_sha() -> str | None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Batches, task, device: torch.device, amp: torch.dtype | None, prefix: str) -> dict[str, float]:
+    if task.is_causal:  # held-out perplexity, token-weighted
+        from .data.causal import perplexity
+
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            res = perplexity(model, batches, device)
+        return {f"{prefix}ppl": res["ppl"], f"{prefix}nll": res["nll"]}
     model.eval()
     preds, labels = [], []
     for batch in batches:
@@ -139,6 +145,11 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     data = load_task(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
     task = data.task
     tokenizer = load_tokenizer(cfg.model.name_or_path if cfg.model.name_or_path != "random" else "minilm", cfg.model.tokenizer)
+    if task.is_causal:
+        from .data.causal import LMBatches, encode_lm
+
+        if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+            tokenizer.eos_token = tokenizer.sep_token  # an encoder's tokenizer (tests): [SEP] separates documents
     cache = cfg.data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "adarank")
     enc = {}
     for name, ds in data.splits.items():
@@ -147,15 +158,22 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         if name != "train" and cfg.data.max_eval_samples is not None and len(ds) > cfg.data.max_eval_samples:
             # a fixed random subset (seed 0, not the run seed): every run is scored on the same rows
             ds = ds.select(np.random.default_rng(0).permutation(len(ds))[: cfg.data.max_eval_samples])
-        enc[name] = encode(ds, tokenizer, task.text_fields, cfg.task.max_length, cache)
+        if task.is_causal:  # continued pretraining: packed blocks of task.max_length tokens
+            enc[name] = encode_lm(list(ds[task.text_fields[0]]), tokenizer, cfg.task.max_length, "pretrain")
+        else:
+            enc[name] = encode(ds, tokenizer, task.text_fields, cfg.task.max_length, cache)
+    batcher = LMBatches if task.is_causal else Batches
     # train.batch_size is per process: the global batch is batch_size × world_size × grad_accum
-    train_batches = Batches(enc["train"], tc.batch_size, shuffle=True, seed=cfg.seed, rank=dist.rank,
+    train_batches = batcher(enc["train"], tc.batch_size, shuffle=True, seed=cfg.seed, rank=dist.rank,
                             world_size=dist.world_size, pin_memory=device.type == "cuda")
-    eval_sets = {k: Batches(v, tc.eval_batch_size, shuffle=False) for k, v in enc.items() if k not in ("train", "test")}
+    eval_sets = {k: batcher(v, tc.eval_batch_size, shuffle=False) for k, v in enc.items() if k not in ("train", "test")}
 
     # ---- model and method ----------------------------------------------------------------------
     seed_everything(cfg.seed)
-    model = load_model(cfg.model.name_or_path, task.num_labels, cfg.model.dtype, cfg.model.random_config, len(tokenizer), tokenizer.pad_token_id)
+    if task.is_causal:
+        model = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.model.random_config, len(tokenizer))
+    else:
+        model = load_model(cfg.model.name_or_path, task.num_labels, cfg.model.dtype, cfg.model.random_config, len(tokenizer), tokenizer.pad_token_id)
     adapted: Adapted = apply_method(model, m, cfg.model)
     model = adapted.model.to(device)
     full_init = _target_weights(model, adapted) if m.name == "full" else None  # for ΔW of full fine-tuning
@@ -218,7 +236,8 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
             res.update(evaluate(model, b, task, device, amp, prefix=f"{name}/"))
         history["evals"].append({"step": step, **res})
         best = history["best"]
-        if best is None or res[val_key] > best[val_key]:
+        better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
+        if best is None or better(res[val_key], best[val_key]):
             history["best"] = {"step": step, **res}
         tracker.log({f"eval/{k}": v for k, v in res.items()}, step)
         return res

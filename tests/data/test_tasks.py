@@ -5,8 +5,11 @@ from adarank.data.tasks import TASKS, TaskSpec, get_task
 GLUE = ["sst2", "cola", "mrpc", "qnli", "rte", "stsb", "mnli", "qqp"]
 
 
-def test_registry_has_glue_and_tweets():
-    assert set(TASKS) == {*GLUE, "tweets"}
+def test_registry_has_glue_tweets_and_bbc():
+    assert set(TASKS) == {*GLUE, "tweets", "bbc"}
+    bbc = TASKS["bbc"]
+    assert bbc.is_causal and not bbc.higher_is_better and bbc.main_metric == "ppl"
+    assert all(TASKS[n].higher_is_better and not TASKS[n].is_causal for n in (*GLUE, "tweets"))
     for name in GLUE:
         t = TASKS[name]
         assert (t.hub_id, t.hub_config, t.source) == ("nyu-mll/glue", name, "glue")

@@ -14,7 +14,7 @@ import adarank.run
 from adarank.inject import svd_adapters
 from adarank.schedule import budget_at
 
-from . import GLUE_FIXTURES, capture_models, compose_config, one_thread, run, tiny_config  # noqa: F401
+from . import GLUE_FIXTURES, TINY, capture_models, compose_config, one_thread, run, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,10 +99,20 @@ def _experiment_overrides(name: str, tmp_path: Path) -> list[str]:
             "data.max_train_samples=64", "data.max_eval_samples=32"]
 
 
+CAUSAL = {name for name in EXPERIMENTS if name.startswith("rank_search_bbc")}
+
+
+def _fast_config(tmp_path: Path, name: str, *extra: str):
+    """The experiment on the tiny random model of its kind: a BERT, or a Llama for causal-LM tasks."""
+    base = [("model=tiny_llama" if name in CAUSAL and o == "model=tiny_random" else o) for o in TINY]
+    return adarank.run.to_config(compose_config(
+        [*base, f"data.cache_dir={tmp_path / 'cache'}", *_experiment_overrides(name, tmp_path), *extra]))
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_runs_in_fast_mode(tmp_path, name):
-    cfg = tiny_config(tmp_path, *_experiment_overrides(name, tmp_path))
-    assert cfg.experiment_name == name and cfg.model.name == "tiny_random"
+    cfg = _fast_config(tmp_path, name)
+    assert cfg.experiment_name == name and cfg.model.name == ("tiny_llama" if name in CAUSAL else "tiny_random")
     assert adarank.run.preflight(cfg) == 3
     res = run(cfg, tmp_path / "out")
     assert res["steps"] == 3 and res["experiment"] == name and res["task"] == cfg.task.name
@@ -121,7 +131,7 @@ def test_sweep_params_of_every_experiment_are_valid_overrides(tmp_path, name):
     if name != "quickstart":
         assert values, f"{name} declares no hydra.sweeper.params"
     for value in values:
-        cfg = tiny_config(tmp_path, *_experiment_overrides(name, tmp_path), value)
+        cfg = _fast_config(tmp_path, name, value)
         key, _, want = value.partition("=")
         got = OmegaConf.select(OmegaConf.structured(cfg), key)
         assert str(got.name if OmegaConf.is_config(got) else got) == want, value
