@@ -20,7 +20,7 @@ from .models import DTYPES
 from .orth import orth_grad_
 from .schedule import Budget, Schedule, make_schedule, resolve_budget
 
-__all__ = ["Adapted", "apply_method", "build_allocator", "method_budget", "PeftAllocator"]
+__all__ = ["Adapted", "apply_method", "build_allocator", "method_budget", "method_targets", "PeftAllocator"]
 
 
 @dataclass
@@ -36,9 +36,14 @@ class Adapted:
     targets: list[str] = field(default_factory=list)
 
 
+def method_targets(m: MethodConfig, mc: ModelConfig) -> list[str]:
+    """The module suffixes to adapt: method.targets, else the model's defaults."""
+    return list(m.targets) if m.targets is not None else list(mc.targets)
+
+
 def apply_method(model: nn.Module, m: MethodConfig, mc: ModelConfig) -> Adapted:
     """Wrap/freeze `model` according to the method. Raises ValueError naming the field on bad input."""
-    targets = list(m.targets) if m.targets is not None else list(mc.targets)
+    targets = method_targets(m, mc)
     train_modules = list(mc.train_modules)
     dtype = DTYPES[m.adapter_dtype]
     names = find_targets(model, targets, m.target_regex)

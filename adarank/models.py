@@ -8,7 +8,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["resolve_path", "load_tokenizer", "load_model", "DTYPES"]
+__all__ = ["resolve_path", "tokenizer_source", "load_tokenizer", "load_model", "load_causal_lm", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,11 +40,17 @@ def resolve_path(name_or_path: str) -> str:
     return os.path.expanduser(name_or_path)
 
 
+def tokenizer_source(name_or_path: str, tokenizer: str | None = None) -> str:
+    """Where the tokenizer comes from: model.tokenizer if set, else the model itself (a random test model
+    has none of its own and borrows MiniLM's)."""
+    return tokenizer or ("minilm" if name_or_path == "random" else name_or_path)
+
+
 def load_tokenizer(name_or_path: str, tokenizer: str | None = None):
     """The tokenizer; a decoder without a pad token gets its EOS as pad."""
     from transformers import AutoTokenizer
 
-    src = tokenizer or name_or_path
+    src = tokenizer_source(name_or_path, tokenizer)
     if src == "smollm2":
         from .gguf import load_gguf_tokenizer
 

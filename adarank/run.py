@@ -136,8 +136,8 @@ def preflight(cfg: Config) -> int:
     """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
     from .data import get_task
     from .inject import find_targets, unfreeze
-    from .methods import method_budget
-    from .models import resolve_path
+    from .methods import method_budget, method_targets
+    from .models import resolve_path, tokenizer_source
     from .schedule import make_schedule
     from .train import pick_device, total_steps
 
@@ -155,14 +155,13 @@ def preflight(cfg: Config) -> int:
     model = _meta_model(cfg, data.task.num_labels, data.task.is_causal)
     m = cfg.method
     if m.name != "full":
-        targets = list(m.targets) if m.targets is not None else list(cfg.model.targets)
-        names = find_targets(model, targets, m.target_regex)
+        names = find_targets(model, method_targets(m, cfg.model), m.target_regex)
         unfreeze(model, cfg.model.train_modules)
         if m.adaptive:
             method_budget(model, m, names)
             if known_T:
                 make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
-    resolve_path(cfg.model.tokenizer or ("minilm" if cfg.model.name_or_path == "random" else cfg.model.name_or_path))
+    resolve_path(tokenizer_source(cfg.model.name_or_path, cfg.model.tokenizer))
     return T
 
 

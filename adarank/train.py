@@ -144,7 +144,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     seed_everything(cfg.seed)
     data = load_task(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
     task = data.task
-    tokenizer = load_tokenizer(cfg.model.name_or_path if cfg.model.name_or_path != "random" else "minilm", cfg.model.tokenizer)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.tokenizer)
     if task.is_causal:
         from .data.causal import LMBatches, encode_lm
 
