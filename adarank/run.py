@@ -106,8 +106,9 @@ def _sweeper_params(overrides: list[str]) -> list[str]:
 def prevalidate(argv: list[str]) -> str | None:
     """Compose and type-check the config for these command-line overrides; None when fine.
 
-    A multirun also checks every value of the experiment's `hydra.sweeper.params`, so a bad sweep value
-    fails here rather than in the middle of the sweep.
+    A multirun checks every job of the sweep (the command line's and the experiment's
+    `hydra.sweeper.params`; up to MAX_CHECKED_COMBINATIONS jobs, beyond that every value once), so a bad
+    value or combination fails here rather than in the middle of the sweep.
     """
     from hydra import compose, initialize_config_dir
 
