@@ -39,6 +39,8 @@ class ModelConfig:
     """Only for name_or_path=random: BertConfig fields of the random model."""
     tokenizer: Optional[str] = None
     """Tokenizer path or id when it differs from name_or_path (`minilm` allowed)."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Fields of the pretrained model's config set before its weights load, e.g. {hidden_dropout_prob: 0.0}."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
@@ -93,6 +95,8 @@ class MethodConfig:
     """LoRA rank; for adalora/peft_adalora the target average rank (the final budget)."""
     alpha: float = 16.0
     """Scale numerator: α/r (α/√r with rslora); for SVD adapters α/r_init."""
+    alpha_ratio: Optional[float] = None
+    """When set, α = alpha_ratio · r (replaces method.alpha): sweep α/r directly, as the rank recipe does."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
     rslora: bool = False
@@ -139,6 +143,9 @@ class MethodConfig:
         _check(self.name in METHODS, "method.name", f"unknown method {self.name!r}; choose one of {METHODS}")
         if self.name != "full":
             _check(self.r >= 1, "method.r", f"must be >= 1, got {self.r}")
+        if self.alpha_ratio is not None:
+            _check(self.alpha_ratio > 0, "method.alpha_ratio", f"must be > 0, got {self.alpha_ratio}")
+            self.alpha = self.alpha_ratio * max(self.r, 1)
         _check(self.alpha > 0, "method.alpha", f"must be > 0, got {self.alpha}")
         _check(0 <= self.dropout < 1, "method.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.adapter_dtype in DTYPES, "method.adapter_dtype", f"must be one of {DTYPES}")

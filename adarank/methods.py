@@ -20,7 +20,7 @@ from .models import DTYPES
 from .orth import orth_grad_
 from .schedule import Budget, Schedule, make_schedule, resolve_budget
 
-__all__ = ["Adapted", "apply_method", "build_allocator", "method_budget", "method_targets", "PeftAllocator"]
+__all__ = ["Adapted", "apply_method", "build_allocator", "method_budget", "method_targets", "PeftAllocator", "peft_task_type"]
 
 
 @dataclass
@@ -79,7 +79,12 @@ def _apply_peft(model: nn.Module, m: MethodConfig, names: list[str], train_modul
         import peft
     except ImportError:
         raise ValueError(f"method.name: {m.name} needs the peft package (pip install peft)") from None
-    common = dict(target_modules=names, lora_alpha=m.alpha, lora_dropout=m.dropout, modules_to_save=train_modules or None)
+    # The task type picks PEFT's model class. Without it, `get_peft_model` returns a plain PeftModel whose
+    # forward calls the base model directly and skips AdaLoraModel.forward, which is where PEFT adds its
+    # orthogonal regulariser to the loss: PEFT's AdaLoRA would silently train with orth_reg_weight = 0.
+    task_type = peft_task_type(model)
+    common = dict(target_modules=names, lora_alpha=m.alpha, lora_dropout=m.dropout, modules_to_save=train_modules or None,
+                  task_type=task_type)
     # The share is of the base model: counted before PEFT adds adapters and copies of the trained modules.
     base = sum(p.numel() for p in model.parameters())
     if m.name == "peft_lora":
@@ -94,6 +99,16 @@ def _apply_peft(model: nn.Module, m: MethodConfig, names: list[str], train_modul
     )
     pm = peft.get_peft_model(model, cfg)
     return Adapted(pm, _peft_report(pm, base), "peft_adalora", target_r * len(names), init_rank, None, names)
+
+
+def peft_task_type(model: nn.Module) -> str:
+    """PEFT's task type for a transformers model: SEQ_CLS or CAUSAL_LM, by the model's class."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    raise ValueError(f"method.name: the PEFT methods need a *ForSequenceClassification or *ForCausalLM model, got {name}")
 
 
 def _peft_report(peft_model: nn.Module, base: int) -> ParamReport:

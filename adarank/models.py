@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["resolve_path", "tokenizer_source", "load_tokenizer", "load_model", "load_causal_lm", "DTYPES"]
+__all__ = ["resolve_path", "tokenizer_source", "load_tokenizer", "load_model", "load_causal_lm", "override_config", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,6 +62,15 @@ def load_tokenizer(name_or_path: str, tokenizer: str | None = None):
     return tok
 
 
+def override_config(mcfg: Any, overrides: dict | None) -> Any:
+    """Set `model.config_overrides` on a transformers config; a field the config lacks is a ValueError."""
+    for key, value in (overrides or {}).items():
+        if not hasattr(mcfg, key):
+            raise ValueError(f"model.config_overrides.{key}: {type(mcfg).__name__} has no such field")
+        setattr(mcfg, key, value)
+    return mcfg
+
+
 def load_model(
     name_or_path: str,
     num_labels: int,
@@ -68,38 +78,43 @@ def load_model(
     random_config: dict | None = None,
     vocab_size: int | None = None,
     pad_token_id: int | None = None,
+    config_overrides: dict | None = None,
 ) -> nn.Module:
     """A sequence-classification model (regression when num_labels == 1)."""
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     torch_dtype = DTYPES[dtype]
     problem = "regression" if num_labels == 1 else "single_label_classification"
     if name_or_path == "random":
         cfg = BertConfig(vocab_size=vocab_size or 30522, num_labels=num_labels, problem_type=problem, **(random_config or {}))
-        return BertForSequenceClassification(cfg).to(torch_dtype)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_path(name_or_path), num_labels=num_labels, problem_type=problem, dtype=torch_dtype
-    )
+        return BertForSequenceClassification(override_config(cfg, config_overrides)).to(torch_dtype)
+    path = resolve_path(name_or_path)
+    cfg = override_config(AutoConfig.from_pretrained(path, num_labels=num_labels, problem_type=problem), config_overrides)
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg, dtype=torch_dtype)
     if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoders need it to find the last token
     return model
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", random_config: dict | None = None,
-                   vocab_size: int | None = None) -> nn.Module:
+                   vocab_size: int | None = None, config_overrides: dict | None = None) -> nn.Module:
     """A causal LM: `smollm2` (the PyPI GGUF, dequantised), `random` (a tiny Llama for tests), or a hub id
     or folder."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch_dtype = DTYPES[dtype]
     if name_or_path == "smollm2":
         from .gguf import load_gguf_causal_lm, smollm2_path
 
+        if config_overrides:
+            raise ValueError("model.config_overrides: not supported for the GGUF model smollm2")
         model, _ = load_gguf_causal_lm(os.environ.get("ADARANK_SMOLLM2") or smollm2_path(), dtype=torch_dtype)
     elif name_or_path == "random":
         cfg = LlamaConfig(vocab_size=vocab_size or 32000, **(random_config or {}))
-        model = LlamaForCausalLM(cfg).to(torch_dtype)
+        model = LlamaForCausalLM(override_config(cfg, config_overrides)).to(torch_dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(resolve_path(name_or_path), dtype=torch_dtype)
+        path = resolve_path(name_or_path)
+        cfg = override_config(AutoConfig.from_pretrained(path), config_overrides)
+        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch_dtype)
     model.config.use_cache = False  # training needs no KV cache
     return model

@@ -85,8 +85,15 @@ def _save(fig: Any, path: PathLike) -> Path:
     return Path(path)
 
 
-def rank_heatmap(ranks: Mapping[str, int], path: PathLike, title: str = "") -> Path | None:
-    """Write a layer x matrix-type heatmap of ranks, each cell annotated; None if ``ranks`` is empty."""
+def _rank_label(r: float) -> str:
+    return f"{int(r)}" if float(r).is_integer() else f"{r:.1f}"
+
+
+def rank_heatmap(ranks: Mapping[str, float], path: PathLike, title: str = "") -> Path | None:
+    """Write a layer x matrix-type heatmap of ranks, each cell annotated; None if ``ranks`` is empty.
+
+    Ranks may be means over seeds: whole numbers are written as such, others with one decimal.
+    """
     if not ranks:
         return None
     layers, types, grid = rank_grid(ranks)
@@ -106,7 +113,7 @@ def rank_heatmap(ranks: Mapping[str, int], path: PathLike, title: str = "") -> P
     for (i, j), r in np.ndenumerate(grid):
         if np.isfinite(r):
             colour = "black" if r > mid else "white"
-            ax.text(j, i, f"{int(r)}", ha="center", va="center", fontsize=8, color=colour)
+            ax.text(j, i, _rank_label(r), ha="center", va="center", fontsize=8, color=colour)
     return _save(fig, path)
 
 
@@ -121,6 +128,35 @@ def budget_curve(curve: Sequence[Sequence[int]], path: PathLike, title: str = ""
     ax.set_xlabel("step")
     ax.set_ylabel("budget (total rank)")
     ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def budget_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: PathLike, title: str = "") -> Path | None:
+    """Write several runs' budget schedules on one axis; None if every curve is empty.
+
+    ``curves`` maps a label (e.g. "seed 0") to ``[[step, budget], ...]``. The schedule is a function
+    of the step count alone, so when every curve is the same one line is drawn; otherwise each
+    run gets a thin labelled line.
+    """
+    curves = {label: [tuple(p) for p in c] for label, c in curves.items() if c}
+    if not curves:
+        return None
+    distinct = list(dict.fromkeys(tuple(c) for c in curves.values()))
+    fig = _new_figure(6, 3.5)
+    ax = fig.add_subplot()
+    if len(distinct) == 1:
+        steps, budgets = zip(*distinct[0])
+        ax.plot(steps, budgets, drawstyle="steps-post", label=next(iter(curves)) if len(curves) == 1 else f"{len(curves)} runs, identical")
+    else:
+        for label, curve in curves.items():
+            steps, budgets = zip(*curve)
+            ax.plot(steps, budgets, drawstyle="steps-post", linewidth=0.8, alpha=0.7, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("budget (total rank)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     return _save(fig, path)
@@ -180,4 +216,53 @@ def metric_vs_budget(df_or_rows: Any, path: PathLike, task: str, column: str = "
     ax.set_title(task)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def _none_last(x: Any) -> tuple[bool, float]:
+    return (x is None, 0.0 if x is None else float(x))
+
+
+def norm_blowup(lines: Sequence[Mapping[str, Any]], path: PathLike, title: str = "") -> Path | None:
+    """Write adapter norms and the training loss against the step, one line per run group; None if no curve.
+
+    Each line is ``{"label", "ratio", "lr", "diverged", "curves"}`` with ``curves`` mapping ``norm/max``,
+    ``norm/mean`` and ``train/loss`` to ``[[step, value], ...]``. The panels (norm/max and norm/mean on a
+    log axis, then train/loss) share the step axis; a panel with no data is left out. Colour follows
+    α/r and line style the learning rate, so a 2 x 2 grid of runs reads at a glance. A diverged group's
+    line ends in an x, at its last logged step.
+    """
+    specs = [("norm/max", True), ("norm/mean", True), ("train/loss", False)]
+    panels = [(k, log) for k, log in specs if any(line["curves"].get(k) for line in lines)]
+    if not panels:
+        return None
+    ratios = sorted({line.get("ratio") for line in lines}, key=_none_last)
+    lrs = sorted({line.get("lr") for line in lines}, key=_none_last)
+    colour = {r: f"C{i % 10}" for i, r in enumerate(ratios)}
+    style = {lr: ["-", "--", ":", "-."][i % 4] for i, lr in enumerate(lrs)}
+
+    fig = _new_figure(7, 0.8 + 2.4 * len(panels))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    handles: dict[str, Any] = {}
+    for ax, (key, log) in zip(axes, panels):
+        for line in lines:
+            # a log axis cannot show 0 (an adapter before its first step) or a negative value
+            pts = [(s, v) for s, v in line["curves"].get(key) or [] if math.isfinite(v) and (v > 0 or not log)]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            c, ls = colour[line.get("ratio")], style[line.get("lr")]
+            label = line["label"] + (" (diverged)" if line.get("diverged") else "")
+            (h,) = ax.plot(xs, ys, color=c, linestyle=ls, linewidth=1.4)
+            handles.setdefault(label, h)
+            if line.get("diverged"):
+                ax.plot([xs[-1]], [ys[-1]], marker="x", markersize=9, color=c, linestyle="none")
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    axes[0].legend(list(handles.values()), list(handles), fontsize=8)
+    if title:
+        axes[0].set_title(title)
     return _save(fig, path)

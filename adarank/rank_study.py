@@ -10,6 +10,9 @@ budget as LoRA at rank r, up to one λ per triplet) are drawn as markers on the 
 
 Runs are grouped into *series*: ``lora α/r=<ratio>`` (LoRA at a fixed α/r, i.e. a fixed scale) and
 ``rslora α=<alpha>`` (rsLoRA at a fixed α); AdaLoRA runs go to ``adalora``. Seeds are averaged.
+
+The failure mode (α/r = 4 at a high learning rate blows up the adapter norm) is `adarank.norm_study`, also
+reachable as `python -m adarank.rank_study --norms DIR... --out OUT`.
 """
 
 from __future__ import annotations
@@ -318,6 +321,7 @@ def report(records: Iterable[dict], out_dir: str | Path, metric: str, higher_is_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from adarank import norm_study
     from adarank.report import ReportError, find_results
 
     parser = argparse.ArgumentParser(prog="python -m adarank.rank_study", description=__doc__.split("\n")[0])
@@ -328,7 +332,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lower-is-better", action="store_true", help="for losses and perplexities")
     parser.add_argument("--tol", type=float, default=0.01, help="relative gain below which a doubling is flat")
     parser.add_argument("--alpha-rank", type=int, default=None, help="rank of the α sweep (default: plateau)")
+    parser.add_argument("--norms", action="store_true",
+                        help="the failure-mode study instead: adapter norm against step (results.json's train_log "
+                             "and diverged.json), α/r = 4 against α/r = 1 at each lr")
+    norm_study.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.norms:
+        return norm_study.run(args.dirs, args.out, args.early, args.blowup_factor)
     try:
         records = []
         for path in find_results(args.dirs):

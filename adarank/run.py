@@ -179,9 +179,10 @@ def _meta_model(cfg: Config, num_labels: int, causal: bool = False):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, LlamaConfig
 
-    from .models import resolve_path
+    from .models import override_config, resolve_path
 
     name = cfg.model.name_or_path
+    overrides = cfg.model.config_overrides
     if causal:
         if name == "random":
             mcfg = LlamaConfig(**cfg.model.random_config)
@@ -190,15 +191,18 @@ def _meta_model(cfg: Config, num_labels: int, causal: bool = False):
 
             path = os.environ.get("ADARANK_SMOLLM2") or smollm2_path()
             folder, fname = os.path.split(os.path.abspath(path))
+            if overrides:
+                raise ValueError("model.config_overrides: not supported for the GGUF model smollm2")
             mcfg = AutoConfig.from_pretrained(folder, gguf_file=fname)
         else:
             mcfg = AutoConfig.from_pretrained(resolve_path(name))
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(mcfg)
+            return AutoModelForCausalLM.from_config(override_config(mcfg, overrides))
     if name == "random":
         mcfg = BertConfig(num_labels=num_labels, **cfg.model.random_config)
     else:
         mcfg = AutoConfig.from_pretrained(resolve_path(name), num_labels=num_labels)
+    override_config(mcfg, overrides)
     with torch.device("meta"):
         return AutoModelForSequenceClassification.from_config(mcfg)
 
@@ -237,7 +241,9 @@ def pin_gpu(cfg: Config) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _app(dcfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from .atomic import atomic_write_json
     from .train import TrainingDiverged, train
 
     out_dir = HydraConfig.get().runtime.output_dir
@@ -253,6 +259,11 @@ def _app(dcfg: DictConfig) -> float | None:
         res = train(cfg, out_dir)
     except TrainingDiverged as e:
         print(f"adarank: error: {e}", file=sys.stderr)
+        # a diverged run (a too-high learning rate in a grid, say) is a result: recorded next to its checkpoint
+        if int(os.environ.get("RANK", "0")) == 0:
+            atomic_write_json(os.path.join(out_dir, "diverged.json"), {"error": str(e), "overrides": list(HydraConfig.get().overrides.task)})
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None  # one job's divergence is not the sweep's end: the other jobs go on
         sys.exit(EXIT_DIVERGED)
     final = res["metrics"]["final"]
     print(
@@ -278,4 +289,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run under the importable name `adarank.run`, not `__main__`: launchers that pickle the task (joblib's
+    # loky workers) must find its functions by module name in a fresh process.
+    from adarank.run import main as _main
+
+    _main()

@@ -171,9 +171,11 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     # ---- model and method ----------------------------------------------------------------------
     seed_everything(cfg.seed)
     if task.is_causal:
-        model = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.model.random_config, len(tokenizer))
+        model = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.model.random_config, len(tokenizer),
+                               cfg.model.config_overrides)
     else:
-        model = load_model(cfg.model.name_or_path, task.num_labels, cfg.model.dtype, cfg.model.random_config, len(tokenizer), tokenizer.pad_token_id)
+        model = load_model(cfg.model.name_or_path, task.num_labels, cfg.model.dtype, cfg.model.random_config,
+                           len(tokenizer), tokenizer.pad_token_id, cfg.model.config_overrides)
     adapted: Adapted = apply_method(model, m, cfg.model)
     model = adapted.model.to(device)
     full_init = _target_weights(model, adapted) if m.name == "full" else None  # for ΔW of full fine-tuning
@@ -182,7 +184,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     log(f"{m.name}: {adapted.report.summary()}; T={T} optimizer steps")
 
     start_step, epoch, batch_in_epoch = 0, 0, 0
-    history: dict[str, Any] = {"budget_curve": [], "evals": [], "best": None, "wandb_id": None}
+    history: dict[str, Any] = {"budget_curve": [], "evals": [], "log": [], "best": None, "wandb_id": None}
     if state is not None and allocator is not None:
         allocator.load_state_dict(state["allocator"])  # may shrink layers: before building the optimizer
     if state is not None:
@@ -199,6 +201,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         scaler.load_state_dict(state["scaler"])
         start_step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         history = state["history"]
+        history.setdefault("log", [])  # checkpoints written before the log existed
         rng = state["rng"]
         ckpt.set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
         log(f"resumed from step {start_step}")
@@ -228,7 +231,10 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     ckpt_every = tc.checkpoint_every or eval_every
     watch = NormWatch(floors=base_norms(model))
 
+    timing = {"eval": 0.0, "checkpoint": 0.0}  # this process's seconds outside the training steps
+
     def run_eval(step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
         res: dict[str, float] = {}
         # Every rank scores the full sets with the plain model (no DDP hooks), so all ranks agree on
         # the best step without a collective; only rank 0 logs.
@@ -240,6 +246,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         if best is None or better(res[val_key], best[val_key]):
             history["best"] = {"step": step, **res}
         tracker.log({f"eval/{k}": v for k, v in res.items()}, step)
+        timing["eval"] += time.perf_counter() - t0
         return res
 
     last_ckpt = start_step if state is not None else None  # step of the checkpoint on disk
@@ -253,6 +260,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
 
     def save_checkpoint(step: int) -> None:
         nonlocal last_ckpt
+        t0 = time.perf_counter()
         # Never replace a good checkpoint with a diverged one: the loss of the steps since the last log,
         # and the weights themselves (one step can overflow them while its loss was still finite).
         if loss_n and not torch.isfinite(loss_sum).item():
@@ -266,10 +274,12 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                 "model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(), "allocator": allocator.state_dict() if allocator is not None else None,
                 "rng": rng, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history,
-                "loss_sum": loss_sum.item(), "loss_n": loss_n,  # the loss logged next averages over the same steps
+                # the loss and R logged next average over the same steps as in an uninterrupted run
+                "loss_sum": loss_sum.item(), "loss_n": loss_n, "orth_sum": orth_sum.item(), "orth_n": orth_n,
             })
         dist_.barrier(dist)
         last_ckpt = step
+        timing["checkpoint"] += time.perf_counter() - t0
 
     # ---- the loop ------------------------------------------------------------------------------
     model.train()
@@ -281,9 +291,11 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         bar = tqdm(total=T, initial=step, desc=f"{m.name} {cfg.task.name}", dynamic_ncols=True, file=sys.stderr)
     # torch.tensor(float) restores a float32 sum exactly
     loss_sum = torch.tensor(state.get("loss_sum", 0.0) if state is not None else 0.0, device=device)
-    orth_sum, orth_n = torch.zeros((), device=device), 0
+    orth_sum = torch.tensor(state.get("orth_sum", 0.0) if state is not None else 0.0, device=device)
+    orth_n = state.get("orth_n", 0) if state is not None else 0
     loss_n = state.get("loss_n", 0) if state is not None else 0
     alloc_res = None
+    t_loop, timed_from = time.perf_counter(), start_step
     try:
         while step < T:
             train_batches.set_epoch(epoch, batch_in_epoch)
@@ -331,6 +343,12 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                             fwd = wrap()  # DDP's gradient buckets were built for the old shapes
                             ddp = fwd if dist.enabled and not tc.compile else getattr(fwd, "_orig_mod", fwd)
                 opt.zero_grad(set_to_none=True)
+                if step == start_step + 1 and step < T:
+                    # the first step carries one-off set-up (cuBLAS handles, the caching allocator): not timed
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t_loop, timed_from = time.perf_counter(), step
+                    timing["eval"] = timing["checkpoint"] = 0.0
 
                 if step % tc.log_every == 0 or step == T:
                     mean_loss = dist_.mean_over_ranks(dist, loss_sum / max(loss_n, 1)).item()
@@ -351,6 +369,12 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                             scalars["alloc/threshold"] = float(alloc_res.threshold)
                         scalars.update({f"rank/{k}": v for k, v in alloc_res.rank_dict().items()})
                     tracker.log(scalars, step)
+                    # the local record (results.json): loss, lr, orth, budget and the norms' summary
+                    entry = {k: v for k, v in scalars.items() if not k.startswith(("norm/", "rank/"))}
+                    if norms:
+                        entry["norm/mean"] = sum(norms.values()) / len(norms)
+                        entry["norm/max"] = max(norms.values())
+                    history["log"].append({"step": step, **entry})
                     if bar is not None:
                         post = {"loss": f"{mean_loss:.4f}"}
                         if alloc_res is not None:
@@ -378,6 +402,11 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     finally:
         if bar is not None:
             bar.close()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    loop_seconds = time.perf_counter() - t_loop
+    step_seconds = loop_seconds - timing["eval"] - timing["checkpoint"]
 
     # ---- results -------------------------------------------------------------------------------
     final = history["evals"][-1] if history["evals"] and history["evals"][-1]["step"] == step else run_eval(step)
@@ -408,7 +437,11 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         # after a shrink (or rank-0 pruning) the adapters are smaller than at the start
         "trainable_params_final": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps": step, "seconds": round(time.time() - t_start, 2),
+        # this process's training steps after its first (no evaluation, no checkpoints): the throughput
+        "train_seconds": round(step_seconds, 3), "steps_per_second": round((step - timed_from) / step_seconds, 3) if step_seconds > 0 else None,
+        "world_size": dist.world_size,
         "final_ranks": ranks, "budget_curve": history["budget_curve"],
+        "evals": history["evals"], "train_log": history["log"],
         "config": _plain(cfg), "git_sha": _git_sha(), "versions": _versions(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
     }

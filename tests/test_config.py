@@ -110,3 +110,10 @@ def test_a_typo_in_a_key_fails_at_composition():
 
     with pytest.raises(ConfigCompositionException, match="method.rr"):
         compose_config(["method.rr=3"])
+
+
+@pytest.mark.parametrize("method,r,ratio", [("lora", 16, 0.5), ("adalora", 4, 4.0), ("rslora", 8, 2.0)])
+def test_alpha_ratio_sets_alpha_to_ratio_times_r(method, r, ratio):
+    m = C.MethodConfig(name=method, r=r, alpha=123.0, alpha_ratio=ratio)
+    assert m.alpha == ratio * r
+    assert C.MethodConfig(name=method, r=r, alpha=123.0).alpha == 123.0  # unset: alpha as given

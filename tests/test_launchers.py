@@ -42,3 +42,23 @@ def test_slurm_launcher_fields_are_the_plugins_schema():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
     assert set(cfg.hydra.launcher) == {f.name for f in dataclasses.fields(SlurmQueueConf)}
+
+
+def test_a_joblib_multirun_really_runs_its_jobs_in_worker_processes(tmp_path):
+    """`python -m adarank.run -m hydra/launcher=joblib ...` end to end, in a subprocess as a user types it.
+    The workers unpickle the task by module name: run as `__main__`, it once failed to un-serialize."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "adarank.run", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+           "method=lora,adalora", "model=tiny_random", "train.max_steps=6", "train.batch_size=8",
+           "data.max_train_samples=64", "data.max_eval_samples=32", "wandb.mode=disabled", "train.progress=false",
+           f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    done = sorted(p.parent.name for p in (tmp_path / "sweep").rglob("results.json"))
+    assert len(done) == 2 and "method=adalora" in done[0] and "method=lora" in done[1]

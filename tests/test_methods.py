@@ -148,3 +148,33 @@ def test_too_short_a_run_for_the_schedule_is_an_error():
     a = apply_method(tiny_bert(), m, MODEL)
     with pytest.raises(ValueError, match="method.final_frac"):  # the final allocation would precede any importance
         build_allocator(a, m, 1)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.1, 0.5])
+def test_peft_adalora_trains_with_its_orthogonal_regulariser(weight):
+    # PEFT adds weight · mean_i ‖cov_i − I‖_F to the loss in AdaLoraModel.forward, which a plain PeftModel
+    # (no task type) never calls: peft_adalora once trained with the regulariser silently off
+    a = apply_method(tiny_bert(), MethodConfig(name="peft_adalora", r=2, alpha=4.0, orth_weight=weight), MODEL)
+    batch = make_batch()
+    with torch.no_grad():
+        loss = a.model(**batch).loss
+        plain = a.model.get_base_model()(**batch).loss  # the task loss alone
+        covs = []
+        for n, p in a.model.named_parameters():
+            if "lora_A.default" in n:
+                covs.append(p @ p.T)
+            elif "lora_B.default" in n:
+                covs.append(p.T @ p)
+        reg = sum(torch.linalg.matrix_norm(c - torch.eye(c.shape[0])) for c in covs) / len(covs)
+    assert len(covs) == 2 * N and reg > 0
+    assert loss.item() == pytest.approx(plain.item() + weight * reg.item(), rel=1e-6)
+
+
+def test_peft_methods_need_a_known_head():
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="method.name: the PEFT methods need"):
+        apply_method(Bare(), MethodConfig(name="peft_lora", r=2), ModelConfig(name="x", name_or_path="random", targets=["query"], train_modules=[]))

@@ -68,3 +68,22 @@ def test_random_model(num_labels, problem):
     assert model.config.vocab_size == 50 and len(model.bert.encoder.layer) == 1
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert models.DTYPES["bfloat16"] is torch.bfloat16
+
+
+def test_config_overrides_reach_the_model():
+    cfg = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    model = load_model("random", 2, "float32", cfg, vocab_size=50, config_overrides={"hidden_dropout_prob": 0.0})
+    assert model.config.hidden_dropout_prob == 0.0
+    assert model.bert.encoder.layer[0].output.dropout.p == 0.0
+
+
+def test_an_unknown_config_override_names_the_field():
+    cfg = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    with pytest.raises(ValueError, match=r"model.config_overrides.nope: BertConfig has no such field"):
+        load_model("random", 2, "float32", cfg, vocab_size=50, config_overrides={"nope": 1})
+
+
+def test_config_overrides_apply_to_pretrained_minilm():
+    model = load_model("minilm", 2, "float32", config_overrides={"attention_probs_dropout_prob": 0.0})
+    assert model.config.attention_probs_dropout_prob == 0.0
+    assert model.config.hidden_dropout_prob == 0.1  # the rest as shipped

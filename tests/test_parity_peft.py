@@ -55,7 +55,8 @@ def spy_kthvalue(captured: list):
 class Pair:
     """The same tiny BERT adapted by PEFT AdaLoRA and by adarank, with identical initial adapters."""
 
-    def __init__(self, sch: Schedule, beta1=0.85, beta2=0.85, init_r=4, target_r=2, alpha=8.0, rslora=False):
+    def __init__(self, sch: Schedule, beta1=0.85, beta2=0.85, init_r=4, target_r=2, alpha=8.0, rslora=False,
+                 task_type=None, orth_reg_weight=0.1):
         base = tiny_bert()
         self.base = copy.deepcopy(base)
         cfg = AdaLoraConfig(
@@ -70,6 +71,8 @@ class Pair:
             beta1=beta1,
             beta2=beta2,
             target_modules=BERT_TARGETS,
+            task_type=task_type,
+            orth_reg_weight=orth_reg_weight,
         )
         torch.manual_seed(7)
         self.peft = get_peft_model(copy.deepcopy(base), cfg)
@@ -300,3 +303,47 @@ def test_shrink_keeps_the_masked_peft_function():
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
     torch.testing.assert_close(after, theirs, rtol=0, atol=1e-5)
     assert (after - _logits(pair.base, batch)).abs().max() > 1e-3  # 100× the tolerance: the adapters matter
+
+
+@pytest.mark.parametrize("orth_weight", [0.0, 0.1])
+def test_training_with_real_gradients_matches_peft_step_by_step(orth_weight):
+    """The whole optimizer step, not only the allocator: real batches, forward and backward, the orthogonal
+    regulariser (PEFT's inside its loss, ours as `orth_grad_`), clipping, AdamW, then the allocators. From the
+    same initial adapters, both train alike through all three phases: weights within 1e-5, equal masks."""
+    from adarank.orth import orth_grad_
+
+    sch = Schedule(total=40, t_init=4, t_final=10, delta_t=2)
+    pair = Pair(sch, init_r=4, target_r=2, alpha=8.0, task_type="SEQ_CLS", orth_reg_weight=orth_weight)
+    layers = [m for _, m in pair.layers]
+    for model in (pair.peft, pair.ours):
+        for p in model.parameters():
+            p.requires_grad_(False)
+    mine = [m.requires_grad_(True) for m, _, _ in pair.pairs]
+    theirs = [t.requires_grad_(True) for _, t, _ in pair.pairs]
+    opt_mine = torch.optim.AdamW(mine, lr=2e-2, weight_decay=0.0)
+    opt_theirs = torch.optim.AdamW(theirs, lr=2e-2, weight_decay=0.0)
+    masked_steps = 0
+    for t in range(1, sch.total + 1):
+        batch = make_batch(n=8, seq=7, seed=t)
+        loss_theirs = pair.peft(**batch).loss
+        loss_theirs.backward()
+        loss_mine = pair.ours(**batch).loss
+        loss_mine.backward()
+        reg = orth_grad_(layers, orth_weight) if orth_weight else torch.zeros(())
+        # PEFT's loss carries weight · R; ours adds R's gradient directly
+        assert loss_theirs.item() == pytest.approx(loss_mine.item() + orth_weight * reg.item(), abs=1e-5)
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        torch.nn.utils.clip_grad_norm_(mine, 1.0)
+        opt_theirs.step()
+        opt_mine.step()
+        pair.peft.base_model.update_and_allocate(t)
+        pair.alloc.step()
+        opt_theirs.zero_grad()
+        opt_mine.zero_grad()
+        worst = max(float((m - th.view_as(m)).abs().max()) for m, th, _ in pair.pairs)
+        assert worst < 1e-5, f"step {t}: weights differ by {worst}"
+        lam_mine = torch.cat([m.lam.detach() for m in layers])
+        lam_theirs = torch.cat([th.detach().flatten() for _, th, k in pair.pairs if ".lora_E." in k])
+        assert torch.equal(lam_mine == 0, lam_theirs == 0), f"step {t}: masks differ"
+        masked_steps += int((lam_mine == 0).any())
+    assert masked_steps > 20  # the masks did prune, for most of the run

@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from adarank.rank_study import analyse, best_alpha_ratio, collect, main, plateau_rank, relative_gain, report
+from adarank.rank_study import (
+    analyse,
+    best_alpha_ratio,
+    collect,
+    main,
+    plateau_rank,
+    relative_gain,
+    report,
+)
 
 RANKS = [2, 4, 8, 16, 32, 64]
 # Perplexity that improves by >= 5% per doubling up to r = 16, then by < 1%.

@@ -52,11 +52,13 @@ BAD_CONFIGS = [
     (["method.init_rank=2", "method.r=4"], ["method.r", "exceeds method.init_rank 2"]),
     (["method.target_total_rank=1000", "method.init_rank=4"], ["method.r", "(1000 triplets) exceeds", "raise method.init_rank"]),
     (["method.delta_t=0"], ["method.delta_t", ">= 1"]),
+    (["method.alpha_ratio=-1"], ["method.alpha_ratio", "> 0"]),
     # one step: the final allocation would come before any importance was measured
     (["train.max_steps=1"], ["method.final_frac", "before any importance"]),
     (["method=peft_adalora", "train.max_steps=1"], ["method.final_frac", "before any importance"]),
     (["method.init_frac=0.4", "method.final_frac=0.5", "train.max_steps=3"],
      ["method.init_frac/method.final_frac", "no budgeting phase is left"]),
+    (["+model.config_overrides.nope=1"], ["model.config_overrides.nope", "BertConfig has no such field"]),
     (["model.name_or_path=/nonexistent/dir"], ["model.name_or_path", "/nonexistent/dir is not a directory"]),
     (["method.train_modules=[nope]"], ["method.train_modules", "not in 'MethodConfig'"]),
     (["model.train_modules=[nope]"], ["model.train_modules", "'nope' matches no module", "classifier"]),
@@ -222,3 +224,21 @@ def test_report_aggregates_the_sweep(sweep, tmp_path, capsys):
     assert "## Paired differences over seeds (reference: adalora)" in summary
     paired = summary.split("## Paired differences")[1]
     assert "| tweets | 2 | adalora - lora | 2 |" in paired
+
+
+def test_a_diverged_job_of_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    # lr=1e30 diverges at once (see test_resume); the other job must still run and write its results
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        adarank.run.main(["-m", "method=lora", "train.lr=1e30,1e-3", "train.log_every=1", *TINY,
+                          f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    finally:
+        torch.set_num_threads(threads)
+    diverged = list((tmp_path / "sweep").rglob("diverged.json"))
+    finished = list((tmp_path / "sweep").rglob("results.json"))
+    assert len(diverged) == 1 and "train.lr=1e+30" in diverged[0].parent.name
+    assert len(finished) == 1 and "train.lr=0.001" in finished[0].parent.name
+    record = json.loads(diverged[0].read_text())
+    assert "loss is nan" in record["error"] and "train.lr=1e+30" in record["overrides"]
+    assert "adarank: error: " in capsys.readouterr().err

@@ -155,6 +155,9 @@ class LMBatches(Batches):
         return out
 
 
+MAX_LOGITS = 1 << 28  # logits per forward pass in `perplexity` (512 MiB in bf16)
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                device: torch.device | str) -> dict[str, float]:
@@ -167,17 +170,23 @@ def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     try:
         for b in batches:
-            ids = b["input_ids"].to(device, non_blocking=True)
-            out = model(input_ids=ids, attention_mask=b["attention_mask"].to(device, non_blocking=True))
-            logits = out.logits if hasattr(out, "logits") else out
-            target = b["labels"][:, 1:].to(device, non_blocking=True)
-            keep = target != IGNORE
-            # Gather the kept positions first: the full (B, L, V) fp32 logits of a 49k vocabulary is large.
-            nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
-            total += nll.double()
-            count += int(keep.sum())
+            ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+            # (B, L, V) logits of a 49k vocabulary are large (128 blocks of 512 tokens: 6 GiB in bf16), so
+            # the rows go through the model in chunks of at most MAX_LOGITS logits
+            rows = max(1, MAX_LOGITS // (ids.shape[1] * vocab)) if vocab else ids.shape[0]
+            for s in range(0, ids.shape[0], rows):
+                out = model(input_ids=ids[s:s + rows].to(device, non_blocking=True),
+                            attention_mask=mask[s:s + rows].to(device, non_blocking=True))
+                logits = out.logits if hasattr(out, "logits") else out
+                target = labels[s:s + rows, 1:].to(device, non_blocking=True)
+                keep = target != IGNORE
+                # gather the kept positions before the fp32 copy
+                nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
+                total += nll.double()
+                count += int(keep.sum())
     finally:
         model.train(was_training)
     if count == 0:

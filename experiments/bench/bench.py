@@ -169,7 +169,11 @@ def build_rig(variant: str, model: nn.Module, wl: Workload, device: torch.device
     if variant in ("peft_lora", "peft_adalora"):
         import peft
 
-        common = dict(target_modules=targets, lora_alpha=ALPHA, lora_dropout=0.0)
+        from adarank.methods import peft_task_type
+
+        # the task type makes get_peft_model return the class whose forward reaches AdaLoraModel.forward,
+        # which adds the orth loss (a plain PeftModel skips it; before this fix the PEFT AdaLoRA timings did)
+        common = dict(target_modules=targets, lora_alpha=ALPHA, lora_dropout=0.0, task_type=peft_task_type(model))
         if variant == "peft_lora":
             model = peft.get_peft_model(model, peft.LoraConfig(r=R, **common))
         else:

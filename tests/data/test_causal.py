@@ -187,3 +187,23 @@ def test_uniform_model_has_ppl_vocab_size(tok):
     res = perplexity(model, LMBatches(enc, batch_size=2, shuffle=False), "cpu")
     assert res["ppl"] == pytest.approx(len(WORDS), rel=1e-6)
     assert model.training  # mode restored
+
+
+def test_perplexity_bounds_the_logits_of_one_forward_pass(tok, decoder, monkeypatch):
+    import adarank.data.causal as causal
+
+    enc = encode_lm([_text(d) for d in DOCS], tok, block_size=5, mode="pretrain")
+    whole = perplexity(decoder, LMBatches(enc, batch_size=4, shuffle=False), "cpu")
+    rows_seen = []
+    forward = decoder.forward
+
+    def spy(*args, **kwargs):
+        rows_seen.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", spy)
+    # room for exactly one row of logits per forward pass: the batches of 4 go through row by row
+    monkeypatch.setattr(causal, "MAX_LOGITS", 5 * decoder.config.vocab_size)
+    chunked = perplexity(decoder, LMBatches(enc, batch_size=4, shuffle=False), "cpu")
+    assert set(rows_seen) == {1} and len(rows_seen) == len(enc.input_ids)
+    assert chunked["tokens"] == whole["tokens"] and chunked["nll"] == pytest.approx(whole["nll"], rel=1e-6)

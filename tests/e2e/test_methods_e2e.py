@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RESULT_KEYS = {
     "experiment", "task", "method", "model", "budget", "seed", "metric", "value", "best_value", "metrics",
     "trainable_params", "trainable_share", "trainable_params_final", "steps", "seconds", "final_ranks",
-    "budget_curve", "config",
+    "budget_curve", "config", "train_seconds", "steps_per_second", "world_size", "evals", "train_log",
     "git_sha", "versions", "device",
 }
 METHODS = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
@@ -58,6 +58,13 @@ def test_every_method_runs_20_steps(tmp_path, monkeypatch, method):
     else:  # of the base model only: PEFT's adapters and module copies do not count as base
         assert 0 < res["trainable_share"] < 0.01
     assert res["config"]["method"]["name"] == method and res["versions"]["torch"]
+    # the local record: every logged step (log_every=10 -> steps 10 and 20), every evaluation, the throughput
+    assert [e["step"] for e in res["train_log"]] == [10, 20]
+    assert all(math.isfinite(e["train/loss"]) and e["train/lr"] >= 0 for e in res["train_log"])
+    if method in ("lora", "rslora", "adalora"):  # the monitor watches our adapters (PEFT's are its own)
+        assert all(e["norm/max"] >= e["norm/mean"] > 0 for e in res["train_log"])
+    assert res["evals"][-1] == res["metrics"]["final"]
+    assert 0 < res["train_seconds"] < res["seconds"] and res["steps_per_second"] > 0 and res["world_size"] == 1
     assert not (tmp_path / "out" / "checkpoint.pt").exists()  # removed once the run finished
 
     if method not in ("adalora", "peft_adalora"):

@@ -1,0 +1,196 @@
+"""The GLUE reproduction's two stages, as single runs of the official CLI packed onto the GPUs of one host.
+
+    python experiments/glue/sweep.py --root multirun/glue --gpus 2 --per-gpu 12 [--tasks sst2 cola mrpc]
+        [--lrs 1e-4 5e-4 2e-3] [--launch-until 480 --kill-at 560] [-- EXTRA HYDRA OVERRIDES]
+
+Stage 1 (select): every method at every budget on every task, once per learning rate of the grid, with
+seed 100 (not one of the reported seeds). The learning rate of each (task, method, budget) is the one with
+the best carved-validation metric (`val/<metric>` at the best step); the official dev set plays no part.
+Stage 2 (final): each (task, method, budget) at its chosen learning rate with seeds 0-4 (budget 2) or 0-2
+(budget 8). Full fine-tuning has no budget: it runs once per seed, next to budget 2.
+
+Every job is `python -m adarank.run +experiment=glue_minilm_<task> method=<m> method.r=<B> train.lr=<lr>
+seed=<s> hydra.run.dir=<root>/<stage>/<task>/<m>_r<B>/lr<lr>_seed<s> resume=true`, the same command a user
+types; the equivalent Hydra multiruns are in each experiment file. MiniLM leaves an H200 mostly idle, so
+`--per-gpu` jobs share each GPU (CUDA_VISIBLE_DEVICES picks it). A finished job (results.json, or
+diverged.json for a job that diverged) is skipped, so calling this again continues a sweep; a job killed at
+`--kill-at` resumes from its last checkpoint. `<root>/sweep_state.json` records the chosen learning rates
+and every job's outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from adarank.atomic import atomic_write_json  # noqa: E402
+
+METHODS = ("full", "lora", "rslora", "adalora", "peft_adalora")
+SEEDS = {2: (0, 1, 2, 3, 4), 8: (0, 1, 2)}
+COST = {"sst2": 3, "cola": 2, "mrpc": 1}  # rough relative run time, to start the longest jobs first
+
+
+@dataclass
+class Job:
+    stage: str
+    task: str
+    method: str
+    budget: int
+    lr: float
+    seed: int
+    out: Path
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def group(self) -> tuple[str, str, int]:
+        return self.task, self.method, self.budget
+
+    def done(self) -> bool:
+        return (self.out / "results.json").exists() or (self.out / "diverged.json").exists()
+
+
+def make_job(root: Path, stage: str, task: str, method: str, budget: int, lr: float, seed: int, extra: list[str]) -> Job:
+    name = "full" if method == "full" else f"{method}_r{budget}"
+    out = root / stage / task / name / f"lr{lr:g}_seed{seed}"
+    ov = [f"+experiment=glue_minilm_{task}", f"method={method}", f"method.r={budget}", f"train.lr={lr:g}",
+          f"seed={seed}", *extra]
+    if method == "full":
+        ov.insert(2, "method.lr=null")  # the full method's own default (5e-5) would override the grid
+    return Job(stage, task, method, budget, lr, seed, out, ov)
+
+
+def select_jobs(root: Path, tasks: list[str], lrs: list[float], seed: int, extra: list[str]) -> list[Job]:
+    jobs = []
+    for task in sorted(tasks, key=lambda t: -COST.get(t, 0)):
+        for budget in SEEDS:
+            for method in METHODS:
+                if method == "full" and budget != 2:
+                    continue
+                jobs += [make_job(root, "select", task, method, budget, lr, seed, extra) for lr in lrs]
+    return jobs
+
+
+def val_score(job: Job) -> float | None:
+    """The job's carved-validation metric at its best step; None if it diverged or has not finished."""
+    path = job.out / "results.json"
+    if not path.exists():
+        return None
+    res = json.loads(path.read_text())
+    return res["metrics"]["best"].get(f"val/{res['metric']}")
+
+
+def choose_lr(jobs: list[Job]) -> tuple[float, dict[str, float | None]] | None:
+    """The learning rate with the best validation metric (ties: the smaller); None until all have ended."""
+    if not all(j.done() for j in jobs):
+        return None
+    scores = {f"{j.lr:g}": val_score(j) for j in jobs}
+    ok = [(s, -j.lr, j.lr) for j, s in zip(jobs, scores.values()) if s is not None]
+    if not ok:
+        return None
+    return max(ok)[2], scores
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", default="multirun/glue")
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "cola", "mrpc"])
+    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 5e-4, 2e-3])
+    ap.add_argument("--select-seed", type=int, default=100)
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--per-gpu", type=int, default=8)
+    ap.add_argument("--launch-until", type=float, default=float("inf"), help="seconds after which no job starts")
+    ap.add_argument("--kill-at", type=float, default=float("inf"), help="seconds after which running jobs are stopped")
+    ap.add_argument("--stages", nargs="+", default=["select", "final"], choices=["select", "final"])
+    ap.add_argument("extra", nargs="*", help="more Hydra overrides for every job (after --)")
+    args = ap.parse_args()
+
+    root = (ROOT / args.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    base = ["resume=true", "wandb.mode=disabled", "train.progress=false", f"data.cache_dir={root / 'cache'}", *args.extra]
+    selects = select_jobs(root, args.tasks, args.lrs, args.select_seed, base)
+    groups: dict[tuple, list[Job]] = {}
+    for j in selects:
+        groups.setdefault(j.group, []).append(j)
+    queue = [j for j in selects if not j.done()] if "select" in args.stages else []
+    chosen: dict[str, dict] = {}
+    finals_queued: set[tuple] = set()
+    state_path = root / "sweep_state.json"
+    log: list[dict] = json.loads(state_path.read_text())["jobs"] if state_path.exists() else []
+
+    def queue_finals() -> None:
+        if "final" not in args.stages:
+            return
+        for g, js in groups.items():
+            if g in finals_queued:
+                continue
+            pick = choose_lr(js)
+            if pick is None:
+                continue
+            lr, scores = pick
+            finals_queued.add(g)
+            chosen["/".join(map(str, g))] = {"lr": lr, "val_by_lr": scores}
+            task, method, budget = g
+            finals = [make_job(root, "final", task, method, budget, lr, s, base) for s in SEEDS[budget]]
+            queue.extend(j for j in finals if not j.done())
+
+    def save() -> None:
+        atomic_write_json(state_path, {"lrs": args.lrs, "select_seed": args.select_seed, "chosen": chosen, "jobs": log})
+
+    t0 = time.time()
+    slots: list[tuple[subprocess.Popen, Job, float, int] | None] = [None] * (args.gpus * args.per_gpu)
+    queue_finals()
+    while True:
+        now = time.time() - t0
+        for i, s in enumerate(slots):
+            if s is None:
+                continue
+            proc, job, started, gpu = s
+            if proc.poll() is None and now < args.kill_at:
+                continue
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            outcome = "finished" if (job.out / "results.json").exists() else (
+                "diverged" if (job.out / "diverged.json").exists() else f"stopped (exit {proc.returncode})")
+            log.append({"stage": job.stage, "dir": str(job.out.relative_to(root)), "gpu": gpu, "outcome": outcome,
+                        "seconds": round(time.time() - t0 - started, 1)})
+            print(f"[{now:6.0f}s] {outcome}: {job.out.relative_to(root)}", flush=True)
+            slots[i] = None
+            queue_finals()
+            save()
+        if now >= args.kill_at:
+            break
+        for i, s in enumerate(slots):
+            if s is not None or not queue or now >= args.launch_until:
+                continue
+            job = queue.pop(0)
+            job.out.mkdir(parents=True, exist_ok=True)
+            gpu = i % args.gpus
+            cmd = [sys.executable, "-m", "adarank.run", *job.overrides, f"hydra.run.dir={job.out}"]
+            env = os.environ | {"CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": "1"}
+            with open(job.out / "job.log", "a") as f:
+                f.write("$ " + shlex.join(["python"] + cmd[1:]) + "\n")
+                f.flush()
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+            slots[i] = (proc, job, now, gpu)
+        if all(s is None for s in slots) and (not queue or now >= args.launch_until):
+            break
+        time.sleep(1.0)
+    save()
+    left = len(queue) + sum(s is not None for s in slots)
+    print(f"sweep: {sum(1 for e in log if e['outcome'] == 'finished')} jobs finished in all; {left} not run yet; "
+          f"{len(chosen)} learning rates chosen; state in {state_path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
