@@ -96,7 +96,8 @@ class MethodConfig:
     alpha: float = 16.0
     """Scale numerator: α/r (α/√r with rslora); for SVD adapters α/r_init."""
     alpha_ratio: Optional[float] = None
-    """When set, α = alpha_ratio · r (replaces method.alpha): sweep α/r directly, as the rank recipe does."""
+    """When set, α = alpha_ratio · r (replaces method.alpha): sweep α/r directly, as the rank recipe does.
+    SVD adapters (adalora) scale by α/r_init, so theirs is alpha_ratio · r / r_init (÷1.5 by default)."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
     rslora: bool = False

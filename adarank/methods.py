@@ -83,8 +83,9 @@ def _apply_peft(model: nn.Module, m: MethodConfig, names: list[str], train_modul
     # forward calls the base model directly and skips AdaLoraModel.forward, which is where PEFT adds its
     # orthogonal regulariser to the loss: PEFT's AdaLoRA would silently train with orth_reg_weight = 0.
     task_type = peft_task_type(model)
-    common = dict(target_modules=names, lora_alpha=m.alpha, lora_dropout=m.dropout, modules_to_save=train_modules or None,
-                  task_type=task_type)
+    # a copy: with SEQ_CLS, PEFT appends its head names (classifier, score) to the list it is given
+    common = dict(target_modules=names, lora_alpha=m.alpha, lora_dropout=m.dropout,
+                  modules_to_save=list(train_modules) or None, task_type=task_type)
     # The share is of the base model: counted before PEFT adds adapters and copies of the trained modules.
     base = sum(p.numel() for p in model.parameters())
     if m.name == "peft_lora":

@@ -67,7 +67,10 @@ def override_config(mcfg: Any, overrides: dict | None) -> Any:
     for key, value in (overrides or {}).items():
         if not hasattr(mcfg, key):
             raise ValueError(f"model.config_overrides.{key}: {type(mcfg).__name__} has no such field")
-        setattr(mcfg, key, value)
+        try:
+            setattr(mcfg, key, value)
+        except Exception as e:  # transformers validates some fields on assignment (types, ranges)
+            raise ValueError(f"model.config_overrides.{key}: {value!r} is not accepted: {e}") from None
     return mcfg
 
 

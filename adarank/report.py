@@ -487,9 +487,35 @@ def _rank_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def find_diverged(dirs: Sequence[str]) -> list[tuple[Path, dict[str, Any]]]:
+    """Runs that diverged (a ``diverged.json`` and no ``results.json`` beside it), with their records."""
+    out = []
+    for d in dirs:
+        root = Path(d)
+        if root.is_dir():
+            for path in sorted(root.rglob("diverged.json")):
+                if (path.parent / "results.json").exists():
+                    continue  # resumed and finished since
+                try:
+                    out.append((path, json.loads(path.read_text())))
+                except (OSError, ValueError):
+                    out.append((path, {"error": "unreadable diverged.json"}))
+    return out
+
+
+def _diverged_section(diverged: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
+    lines = ["", "## Diverged runs", "",
+             f"{len(diverged)} run(s) stopped on a non-finite loss or weights. They are in no table or plot, and a "
+             "learning rate is scored on its finished runs only.", ""]
+    rows = [[str(path.parent), " ".join(rec.get("overrides") or []) or "-", str(rec.get("error", "-")).replace("|", "/")]
+            for path, rec in diverged]
+    return lines + _table(["run", "overrides", "error"], rows)
+
+
 def render_summary(rows: Sequence[dict[str, Any]], column: str, reference: str,
                    plots: Mapping[str, Path | None], choices: Mapping[Key, LrChoice] | None = None,
-                   group_plots: Sequence[tuple[str, Path]] = ()) -> str:
+                   group_plots: Sequence[tuple[str, Path]] = (),
+                   diverged: Sequence[tuple[Path, dict[str, Any]]] = ()) -> str:
     """The text of ``summary.md``.
 
     ``rows`` are all runs; only those with ``selected`` are summarised. ``choices`` (from
@@ -511,6 +537,8 @@ def render_summary(rows: Sequence[dict[str, Any]], column: str, reference: str,
              f"{runs} Column `{column}`: {METRIC_DOC[column]}. Std is the sample std over seeds (n/a for one seed)."]
     if several:
         lines += _lr_section(choices, column, metric)
+    if diverged:
+        lines += _diverged_section(diverged)
 
     lines += ["", "## Mean ± std per task, method and budget", ""]
     body = []
@@ -629,8 +657,11 @@ def main(argv: list[str] | None = None) -> int:
     plots = {task: metric_vs_budget(selected, out / f"metric_vs_budget_{_safe(task)}.png", task, args.metric)
              for task in sorted({r["task"] for r in selected})}
     group_plots = write_group_plots(selected, out)
+    diverged = find_diverged(args.dirs)
+    if diverged:
+        warn(f"warning: {len(diverged)} diverged run(s) (diverged.json) are left out of the tables; summary.md lists them")
     atomic_write_text(out / "summary.md",
-                      render_summary(rows, args.metric, args.reference, plots, choices, group_plots))
+                      render_summary(rows, args.metric, args.reference, plots, choices, group_plots, diverged))
     n_plots = sum(p is not None for p in plots.values()) + len(group_plots)
     print(f"wrote {out / 'runs.csv'}, {out / 'summary.md'} and {n_plots} plot(s)")
     return 0

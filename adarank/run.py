@@ -155,6 +155,10 @@ def preflight(cfg: Config) -> int:
     T = total_steps(n_batches, cfg.train.epochs, cfg.train.grad_accum, cfg.train.max_steps)
     model = _meta_model(cfg, data.task.num_labels, data.task.is_causal)
     m = cfg.method
+    if m.name.startswith("peft_"):
+        from .methods import peft_task_type
+
+        peft_task_type(model)  # PEFT's model class needs a known head
     if m.name != "full":
         names = find_targets(model, method_targets(m, cfg.model), m.target_regex)
         unfreeze(model, cfg.model.train_modules)
@@ -196,15 +200,26 @@ def _meta_model(cfg: Config, num_labels: int, causal: bool = False):
             mcfg = AutoConfig.from_pretrained(folder, gguf_file=fname)
         else:
             mcfg = AutoConfig.from_pretrained(resolve_path(name))
-        with torch.device("meta"):
+        with torch.device("meta"), _built_with(overrides):
             return AutoModelForCausalLM.from_config(override_config(mcfg, overrides))
     if name == "random":
         mcfg = BertConfig(num_labels=num_labels, **cfg.model.random_config)
     else:
         mcfg = AutoConfig.from_pretrained(resolve_path(name), num_labels=num_labels)
     override_config(mcfg, overrides)
-    with torch.device("meta"):
+    with torch.device("meta"), _built_with(overrides):
         return AutoModelForSequenceClassification.from_config(mcfg)
+
+
+@contextlib.contextmanager
+def _built_with(overrides: dict):
+    """A model that cannot be built from overridden config values is the overrides' fault: say so."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError) as e:
+        if not overrides:
+            raise
+        raise ValueError(f"model.config_overrides: the model cannot be built with {dict(overrides)}: {e!r}") from None
 
 
 def check_out_dir(out_dir: str, cfg: Config) -> None:
@@ -216,10 +231,10 @@ def check_out_dir(out_dir: str, cfg: Config) -> None:
         raise FileExistsError(
             f"{out_dir} already holds a run ({', '.join(busy)}); pass resume=true to continue it or overwrite=true to start over"
         )
-    if cfg.overwrite and not cfg.resume and CKPT_NAME in busy:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank removes it
+    if cfg.overwrite and not cfg.resume and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank
+        for stale in (CKPT_NAME, "diverged.json"):  # a fresh start: the old run's checkpoint and record go
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, CKPT_NAME))
+                os.remove(os.path.join(out_dir, stale))
 
 
 def pin_gpu(cfg: Config) -> None:

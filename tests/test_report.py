@@ -407,3 +407,22 @@ def test_where_the_rank_went_and_plots(tmp_path, capsys):
             assert path.read_bytes()[:8] == PNG_MAGIC
             assert f"({path.name})" in md
     assert not list((tmp_path / "o").glob("*_rte_lora_r2.png"))  # lora: no ranks, no curve
+
+
+def test_diverged_runs_are_listed_not_summarised(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        _write(root, "mrpc", "lora", 2, seed, 0.8 + seed / 100)
+    bad = root / "mrpc-lora-2-lr" / "high"
+    bad.mkdir(parents=True)
+    (bad / "diverged.json").write_text(json.dumps({"error": "loss is nan at step 640; stopped",
+                                                   "overrides": ["method=lora", "train.lr=0.002"]}))
+    resumed = root / "mrpc-lora-2-s0"  # a diverged.json next to a finished run: resumed since, not diverged
+    (resumed / "diverged.json").write_text(json.dumps({"error": "old"}))
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    assert "1 diverged run(s)" in capsys.readouterr().err
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Diverged runs" in md and "loss is nan at step 640" in md and "train.lr=0.002" in md
+    assert "| old |" not in md and md.count("mrpc-lora-2-lr") == 1
+    rows = list(csv.DictReader((tmp_path / "out" / "runs.csv").open()))
+    assert len(rows) == 2  # only finished runs are rows

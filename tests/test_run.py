@@ -59,6 +59,8 @@ BAD_CONFIGS = [
     (["method.init_frac=0.4", "method.final_frac=0.5", "train.max_steps=3"],
      ["method.init_frac/method.final_frac", "no budgeting phase is left"]),
     (["+model.config_overrides.nope=1"], ["model.config_overrides.nope", "BertConfig has no such field"]),
+    (["+model.config_overrides.num_hidden_layers=abc"], ["model.config_overrides.num_hidden_layers", "'abc' is not accepted"]),
+    (["+model.config_overrides.hidden_act=nope"], ["model.config_overrides", "cannot be built with {'hidden_act': 'nope'}"]),
     (["model.name_or_path=/nonexistent/dir"], ["model.name_or_path", "/nonexistent/dir is not a directory"]),
     (["method.train_modules=[nope]"], ["method.train_modules", "not in 'MethodConfig'"]),
     (["model.train_modules=[nope]"], ["model.train_modules", "'nope' matches no module", "classifier"]),
