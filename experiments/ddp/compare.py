@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from adarank.atomic import atomic_write_json  # noqa: E402
+from adarank.atomic import atomic_write_json
 
 BASE = [
     "+experiment=glue_minilm_sst2", "method=adalora", "method.r=2", "seed=0",

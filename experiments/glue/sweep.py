@@ -22,41 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
-from adarank.atomic import atomic_write_json  # noqa: E402
+from jobqueue import Job, run_queue
+
+from adarank.atomic import atomic_write_json
 
 METHODS = ("full", "lora", "rslora", "adalora", "peft_adalora")
 SEEDS = {2: (0, 1, 2, 3, 4), 8: (0, 1, 2)}
 COST = {"sst2": 3, "cola": 2, "mrpc": 1}  # rough relative run time, to start the longest jobs first
-
-
-@dataclass
-class Job:
-    stage: str
-    task: str
-    method: str
-    budget: int
-    lr: float
-    seed: int
-    out: Path
-    overrides: list[str] = field(default_factory=list)
-
-    @property
-    def group(self) -> tuple[str, str, int]:
-        return self.task, self.method, self.budget
-
-    def done(self) -> bool:
-        return (self.out / "results.json").exists() or (self.out / "diverged.json").exists()
 
 
 def make_job(root: Path, stage: str, task: str, method: str, budget: int, lr: float, seed: int, extra: list[str]) -> Job:
@@ -66,7 +44,7 @@ def make_job(root: Path, stage: str, task: str, method: str, budget: int, lr: fl
           f"seed={seed}", *extra]
     if method == "full":
         ov.insert(2, "method.lr=null")  # the full method's own default (5e-5) would override the grid
-    return Job(stage, task, method, budget, lr, seed, out, ov)
+    return Job(out, ov, {"stage": stage, "group": (task, method, budget), "lr": lr})
 
 
 def select_jobs(root: Path, tasks: list[str], lrs: list[float], seed: int, extra: list[str]) -> list[Job]:
@@ -93,8 +71,8 @@ def choose_lr(jobs: list[Job]) -> tuple[float, dict[str, float | None]] | None:
     """The learning rate with the best validation metric (ties: the smaller); None until all have ended."""
     if not all(j.done() for j in jobs):
         return None
-    scores = {f"{j.lr:g}": val_score(j) for j in jobs}
-    ok = [(s, -j.lr, j.lr) for j, s in zip(jobs, scores.values()) if s is not None]
+    scores = {f"{j.tags['lr']:g}": val_score(j) for j in jobs}
+    ok = [(s, -j.tags["lr"], j.tags["lr"]) for j, s in zip(jobs, scores.values()) if s is not None]
     if not ok:
         return None
     return max(ok)[2], scores
@@ -120,75 +98,41 @@ def main() -> None:
     selects = select_jobs(root, args.tasks, args.lrs, args.select_seed, base)
     groups: dict[tuple, list[Job]] = {}
     for j in selects:
-        groups.setdefault(j.group, []).append(j)
-    queue = [j for j in selects if not j.done()] if "select" in args.stages else []
+        groups.setdefault(j.tags["group"], []).append(j)
     chosen: dict[str, dict] = {}
     finals_queued: set[tuple] = set()
     state_path = root / "sweep_state.json"
     log: list[dict] = json.loads(state_path.read_text())["jobs"] if state_path.exists() else []
 
-    def queue_finals() -> None:
+    def save() -> None:
+        atomic_write_json(state_path, {"lrs": args.lrs, "select_seed": args.select_seed, "chosen": chosen, "jobs": log})
+
+    def finals() -> list[Job]:
+        """The final jobs of every group whose selection has just ended."""
+        new = []
         if "final" not in args.stages:
-            return
+            return new
         for g, js in groups.items():
-            if g in finals_queued:
-                continue
-            pick = choose_lr(js)
+            pick = None if g in finals_queued else choose_lr(js)
             if pick is None:
                 continue
             lr, scores = pick
             finals_queued.add(g)
             chosen["/".join(map(str, g))] = {"lr": lr, "val_by_lr": scores}
             task, method, budget = g
-            finals = [make_job(root, "final", task, method, budget, lr, s, base) for s in SEEDS[budget]]
-            queue.extend(j for j in finals if not j.done())
+            new += [make_job(root, "final", task, method, budget, lr, s, base) for s in SEEDS[budget]]
+        return new
 
-    def save() -> None:
-        atomic_write_json(state_path, {"lrs": args.lrs, "select_seed": args.select_seed, "chosen": chosen, "jobs": log})
+    def on_end(job: Job, what: str, seconds: float) -> list[Job]:
+        log.append({"stage": job.tags["stage"], "dir": str(job.out.relative_to(root)), "outcome": what, "seconds": seconds})
+        new = finals()
+        save()
+        return new
 
-    t0 = time.time()
-    slots: list[tuple[subprocess.Popen, Job, float, int] | None] = [None] * (args.gpus * args.per_gpu)
-    queue_finals()
-    while True:
-        now = time.time() - t0
-        for i, s in enumerate(slots):
-            if s is None:
-                continue
-            proc, job, started, gpu = s
-            if proc.poll() is None and now < args.kill_at:
-                continue
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait()
-            outcome = "finished" if (job.out / "results.json").exists() else (
-                "diverged" if (job.out / "diverged.json").exists() else f"stopped (exit {proc.returncode})")
-            log.append({"stage": job.stage, "dir": str(job.out.relative_to(root)), "gpu": gpu, "outcome": outcome,
-                        "seconds": round(time.time() - t0 - started, 1)})
-            print(f"[{now:6.0f}s] {outcome}: {job.out.relative_to(root)}", flush=True)
-            slots[i] = None
-            queue_finals()
-            save()
-        if now >= args.kill_at:
-            break
-        for i, s in enumerate(slots):
-            if s is not None or not queue or now >= args.launch_until:
-                continue
-            job = queue.pop(0)
-            job.out.mkdir(parents=True, exist_ok=True)
-            gpu = i % args.gpus
-            cmd = [sys.executable, "-m", "adarank.run", *job.overrides, f"hydra.run.dir={job.out}"]
-            env = os.environ | {"CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": "1"}
-            with open(job.out / "job.log", "a") as f:
-                f.write("$ " + shlex.join(["python"] + cmd[1:]) + "\n")
-                f.flush()
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-            slots[i] = (proc, job, now, gpu)
-        if all(s is None for s in slots) and (not queue or now >= args.launch_until):
-            break
-        time.sleep(1.0)
+    queue = (list(selects) if "select" in args.stages else []) + finals()
+    left = run_queue(queue, args.gpus, args.per_gpu, args.launch_until, args.kill_at, on_end)
     save()
-    left = len(queue) + sum(s is not None for s in slots)
-    print(f"sweep: {sum(1 for e in log if e['outcome'] == 'finished')} jobs finished in all; {left} not run yet; "
+    print(f"sweep: {sum(1 for e in log if e['outcome'] == 'finished')} jobs finished in all; {len(left)} not started; "
           f"{len(chosen)} learning rates chosen; state in {state_path}", flush=True)
 
 
