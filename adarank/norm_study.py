@@ -29,6 +29,7 @@ import numpy as np
 
 from adarank.atomic import atomic_write_json, atomic_write_text
 from adarank.rank_study import StudyError
+from adarank.report import ReportError, find_runs
 
 CLAIM = ("LoRA with α/r = 4 and a learning rate above 3e-4 blows up the adapter norm early in training "
          "(against α/r = 1)")
@@ -212,28 +213,12 @@ def run_from_diverged(path: Path, warn: Callable[[str], None] = lambda m: None) 
         "curves": {k: curve_of(log, k) for k in CURVES}, "metric": None, "val": None}
 
 
-def find_runs(dirs: Sequence[str]) -> tuple[list[Path], list[Path]]:
-    """(results.json, diverged.json) files under `dirs`, each once. A folder with both holds a run that
-    was resumed and finished: its results.json is the record."""
-    found: dict[str, dict[Path, Path]] = {"results.json": {}, "diverged.json": {}}
-    for d in dirs:
-        root = Path(d)
-        if not root.exists():
-            raise StudyError(f"{d}: no such directory")
-        hits = [root] if root.is_file() else [h for n in found for h in sorted(root.rglob(n))]
-        hits = [h for h in hits if h.is_file() and h.name in found]
-        if not hits:
-            raise StudyError(f"{d}: no results.json or diverged.json found")
-        for h in hits:
-            found[h.name].setdefault(h.resolve(), h)
-    finished = {p.parent for p in found["results.json"]}
-    return (sorted(found["results.json"].values(), key=str),
-            sorted((h for p, h in found["diverged.json"].items() if p.parent not in finished), key=str))
-
-
 def load_runs(dirs: Sequence[str], warn: Callable[[str], None] = lambda m: None) -> list[dict]:
     """Every run under `dirs`: finished ones with a norm/max curve, and every diverged one."""
-    results, diverged = find_runs(dirs)
+    try:
+        results, diverged = find_runs(dirs)
+    except ReportError as e:
+        raise StudyError(str(e)) from None
     runs = []
     for path in results:
         try:

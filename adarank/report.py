@@ -99,6 +99,25 @@ def find_results(dirs: Sequence[str]) -> list[Path]:
     return sorted(found.values(), key=str)
 
 
+def find_runs(dirs: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """(results.json, diverged.json) files under `dirs`, each once. A folder with both holds a run that
+    was resumed and finished: its results.json is the record."""
+    found: dict[str, dict[Path, Path]] = {"results.json": {}, "diverged.json": {}}
+    for d in dirs:
+        root = Path(d)
+        if not root.exists():
+            raise ReportError(f"{d}: no such directory")
+        hits = [root] if root.is_file() else [h for n in found for h in sorted(root.rglob(n))]
+        hits = [h for h in hits if h.is_file() and h.name in found]
+        if not hits:
+            raise ReportError(f"{d}: no results.json or diverged.json found")
+        for h in hits:
+            found[h.name].setdefault(h.resolve(), h)
+    finished = {p.parent for p in found["results.json"]}
+    return (sorted(found["results.json"].values(), key=str),
+            sorted((h for p, h in found["diverged.json"].items() if p.parent not in finished), key=str))
+
+
 def _get(d: Any, *keys: str) -> Any:
     """``d[k1][k2]...``, or None where a level is missing or not a dict."""
     for k in keys:
@@ -490,23 +509,18 @@ def _rank_section(rows: Sequence[dict[str, Any]]) -> list[str]:
 def find_diverged(dirs: Sequence[str]) -> list[tuple[Path, dict[str, Any]]]:
     """Runs that diverged (a ``diverged.json`` and no ``results.json`` beside it), with their records."""
     out = []
-    for d in dirs:
-        root = Path(d)
-        if root.is_dir():
-            for path in sorted(root.rglob("diverged.json")):
-                if (path.parent / "results.json").exists():
-                    continue  # resumed and finished since
-                try:
-                    out.append((path, json.loads(path.read_text())))
-                except (OSError, ValueError):
-                    out.append((path, {"error": "unreadable diverged.json"}))
+    for path in find_runs(dirs)[1]:
+        try:
+            out.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            out.append((path, {"error": "unreadable diverged.json"}))
     return out
 
 
 def _diverged_section(diverged: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
     lines = ["", "## Diverged runs", "",
-             f"{len(diverged)} run(s) stopped on a non-finite loss or weights. They are in no table or plot, and a "
-             "learning rate is scored on its finished runs only.", ""]
+             (f"{len(diverged)} run(s) stopped on a non-finite loss or weights. They are in no table or plot, and a "
+              "learning rate is scored on its finished runs only."), ""]
     rows = [[str(path.parent), " ".join(rec.get("overrides") or []) or "-", str(rec.get("error", "-")).replace("|", "/")]
             for path, rec in diverged]
     return lines + _table(["run", "overrides", "error"], rows)
