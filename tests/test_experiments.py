@@ -17,11 +17,8 @@ import adarank.run
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import jobqueue  # noqa: E402
-from e2e import compose_config  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "experiments" / "glue"))
-sys.path.insert(0, str(ROOT / "experiments" / "rank_study"))
+import jobqueue
+from e2e import compose_config
 
 
 def _load(name: str, path: Path):
@@ -96,7 +93,8 @@ def test_glue_selection_jobs_and_learning_rate_choice(tmp_path):
             (j.out / "diverged.json").write_text("{}")
         else:
             (j.out / "results.json").write_text(json.dumps(
-                {"metric": "f1", "metrics": {"best": {"val/f1": scores[j.tags["lr"]]}}}))
+                {"task": "mrpc", "method": "lora", "budget": 2, "seed": 100, "value": 0.8, "metric": "f1",
+                 "metrics": {"best": {"val/f1": scores[j.tags["lr"]]}}}))
     lr, by_lr = glue_sweep.choose_lr(group)
     assert lr == 5e-4 and by_lr == {"0.0001": 0.80, "0.0005": 0.85, "0.002": None}
 

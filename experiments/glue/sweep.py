@@ -31,6 +31,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 from jobqueue import Job, run_queue
 
 from adarank.atomic import atomic_write_json
+from adarank.report import choose_lr as report_choose_lr
+from adarank.report import load_row, lower_is_better
 
 METHODS = ("full", "lora", "rslora", "adalora", "peft_adalora")
 SEEDS = {2: (0, 1, 2, 3, 4), 8: (0, 1, 2)}
@@ -58,24 +60,17 @@ def select_jobs(root: Path, tasks: list[str], lrs: list[float], seed: int, extra
     return jobs
 
 
-def val_score(job: Job) -> float | None:
-    """The job's carved-validation metric at its best step; None if it diverged or has not finished."""
-    path = job.out / "results.json"
-    if not path.exists():
-        return None
-    res = json.loads(path.read_text())
-    return res["metrics"]["best"].get(f"val/{res['metric']}")
-
-
 def choose_lr(jobs: list[Job]) -> tuple[float, dict[str, float | None]] | None:
-    """The learning rate with the best validation metric (ties: the smaller); None until all have ended."""
+    """The learning rate with the best validation metric, by the report's rule (ties: the smaller); None
+    until every job has ended or when none has a validation metric. Also returns each lr's score."""
     if not all(j.done() for j in jobs):
         return None
-    scores = {f"{j.tags['lr']:g}": val_score(j) for j in jobs}
-    ok = [(s, -j.tags["lr"], j.tags["lr"]) for j, s in zip(jobs, scores.values()) if s is not None]
+    rows = {j.tags["lr"]: load_row(j.out / "results.json") for j in jobs if (j.out / "results.json").exists()}
+    scores = {f"{j.tags['lr']:g}": rows[j.tags["lr"]]["val_value"] if j.tags["lr"] in rows else None for j in jobs}
+    ok = {lr: r["val_value"] for lr, r in rows.items() if r["val_value"] is not None}
     if not ok:
         return None
-    return max(ok)[2], scores
+    return report_choose_lr(ok, lower_is_better(next(iter(rows.values()))["metric"])), scores
 
 
 def main() -> None:
