@@ -109,6 +109,96 @@ def test_glue_jobs_compose_into_valid_configs(tmp_path):
             assert cfg.method.r == budget
 
 
+def _result(job, val, task="mrpc", method="adalora"):
+    """A finished run with validation metric `val`, or a diverged one when `val` is None."""
+    job.out.mkdir(parents=True, exist_ok=True)
+    if val is None:
+        (job.out / "diverged.json").write_text("{}")
+        return
+    budget = job.tags["group"][2]
+    (job.out / "results.json").write_text(json.dumps(
+        {"task": task, "method": method, "budget": budget, "seed": job.tags["seed"], "value": 0.8, "metric": "f1",
+         "metrics": {"best": {"val/f1": val}}}))
+
+
+def test_lever_rule_screens_then_confirms():
+    levers = _load("levers", ROOT / "experiments" / "glue" / "levers.py")
+    default = {("a", 2): 0.80, ("a", 8): 0.80, ("b", 2): 0.50}
+    screen = {
+        "small_but_steady": levers.summarize(levers.gains({("a", 2): 0.81, ("a", 8): 0.81, ("b", 2): 0.49}, default)),
+        "one_lucky_cell": levers.summarize(levers.gains({("a", 2): 0.95, ("a", 8): 0.79, ("b", 2): 0.49}, default)),
+        "diverged_once": levers.summarize(levers.gains({("a", 2): 0.99, ("a", 8): None, ("b", 2): 0.99}, default)),
+        "worse": levers.summarize(levers.gains({("a", 2): 0.70, ("a", 8): 0.70, ("b", 2): 0.40}, default)),
+    }
+    assert screen["small_but_steady"]["wins"] == 2 and screen["diverged_once"]["complete"] is False
+    # the lucky lever has the larger mean gain but wins one cell of three; the diverged one is out
+    assert levers.candidate(screen) == "small_but_steady"
+    assert levers.candidate({"worse": screen["worse"]}) is None
+    # lower-is-better metrics flip the sign
+    assert levers.gains({"c": 9.0}, {"c": 10.0}, lower=True) == [1.0]
+    assert levers.confirmed(levers.summarize([0.01, -0.005, 0.0]))
+    assert not levers.confirmed(levers.summarize([0.01, None, 0.02]))
+
+
+def test_glue_lever_stage_screens_confirms_and_queues_finals_with_the_adopted_lever(tmp_path):
+    L = glue_sweep.LEVERS
+    selects = glue_sweep.select_jobs(tmp_path, ["mrpc"], [5e-4, 2e-3], 100, [])
+    cells = [("mrpc", "adalora", 2), ("mrpc", "adalora", 8)]
+    chosen = {c: 2e-3 for c in cells} | {("mrpc", "peft_adalora", 2): 5e-4, ("mrpc", "peft_adalora", 8): 2e-3}
+    defaults = {c: next(j for j in selects if j.tags["group"] == c and j.tags["lr"] == 2e-3) for c in cells}
+    for j in defaults.values():
+        _result(j, 0.80)
+    study = glue_sweep.Levers(tmp_path, cells, 100, 101, ["wandb.mode=disabled"])
+    screen = study.step({cells[0]: 2e-3}, defaults)  # one cell chosen so far: its screen starts
+    assert len(screen) == len(L) and {j.tags["lever"] for j in screen} == set(L)
+    screen += study.step(chosen, defaults)
+    assert len(screen) == 2 * len(L) and study.step(chosen, defaults) == []  # nothing twice, nothing early
+    init_2x = next(j for j in screen if j.tags["lever"] == "init_2x")
+    assert "method.init_ratio=2.0" in init_2x.overrides and "train.lr=0.002" in init_2x.overrides
+    assert init_2x.out == tmp_path / "levers" / "mrpc" / "adalora_r2" / "init_2x" / "lr0.002_seed100"
+    for j in screen:  # init_2x gains in both cells, orth_0 in one, the rest lose
+        _result(j, {"init_2x": 0.83, "orth_0": 0.85 if j.tags["group"][2] == 2 else 0.70}.get(j.tags["lever"], 0.75))
+    confirm = study.step(chosen, defaults)
+    assert study.state["candidate"] == "init_2x"
+    assert sorted((j.tags["lever"] or "", j.tags["seed"]) for j in confirm) == [("", 101)] * 2 + [("init_2x", 101)] * 2
+    for j in confirm:
+        _result(j, 0.82 if j.tags["lever"] else 0.81)
+    finals = study.step(chosen, defaults)
+    assert study.state["adopted"] == "init_2x" and study.state["confirm"]["mean_gain"] > 0
+    # PEFT has an initial rank too, so both AdaLoRAs rerun their finals, each at its own learning rate
+    assert len(finals) == 2 * (5 + 3)
+    peft = [j for j in finals if j.tags["group"][1] == "peft_adalora" and j.tags["group"][2] == 2]
+    assert {j.tags["lr"] for j in peft} == {5e-4} and all(j.out.parts[-4] == "final_init_2x" for j in peft)
+    assert study.step(chosen, defaults) == []
+
+
+def test_glue_lever_stage_adopts_nothing_when_the_second_seed_disagrees(tmp_path):
+    selects = glue_sweep.select_jobs(tmp_path, ["mrpc"], [2e-3], 100, [])
+    cells = [("mrpc", "adalora", 2), ("mrpc", "adalora", 8)]
+    defaults = {c: next(j for j in selects if j.tags["group"] == c) for c in cells}
+    for j in defaults.values():
+        _result(j, 0.80)
+    study = glue_sweep.Levers(tmp_path, cells, 100, 101, [])
+    chosen = {c: 2e-3 for c in cells}
+    for j in study.step(chosen, defaults):
+        _result(j, 0.9 if j.tags["lever"] == "score_magnitude" else 0.7)
+    for j in study.step(chosen, defaults):
+        _result(j, 0.79 if j.tags["lever"] else 0.81)
+    assert study.step(chosen, defaults) == []
+    assert study.state["candidate"] == "score_magnitude" and study.state["adopted"] is None
+
+
+def test_glue_finals_at_a_new_learning_rate_supersede_the_old_ones(tmp_path):
+    old = tmp_path / "final" / "mrpc" / "lora_r2" / "lr0.0005_seed0"
+    same = tmp_path / "final" / "mrpc" / "lora_r2" / "lr0.002_seed1"
+    for d in (old, same):
+        d.mkdir(parents=True)
+        (d / "results.json").write_text("{}")
+    glue_sweep.supersede(tmp_path, "mrpc", "lora", 2, 2e-3)
+    assert same.exists() and not old.exists()
+    assert (tmp_path / "superseded" / "final" / "mrpc" / "lora_r2" / "lr0.0005_seed0" / "results.json").exists()
+
+
 @pytest.mark.parametrize("study,n_jobs", [("bbc", 1 + 3 * 5 + 3 * 3 + 4), ("mrpc", 1 + 3 * 5 + 3 * 5)])
 def test_rank_study_jobs_compose_into_valid_configs(tmp_path, study, n_jobs):
     jobs = rank_sweep.study_jobs(study, tmp_path, [4, 8, 16, 32, 64], ["wandb.mode=disabled"])
