@@ -31,6 +31,7 @@ import numpy as np
 from adarank.atomic import atomic_write_json, atomic_write_text, atomic_writer
 
 ADALORA = "adalora"
+FULL = "full"
 
 
 class StudyError(Exception):
@@ -110,6 +111,8 @@ def study_point(record: dict, metric: str) -> dict | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return None
     method = record.get("method")
+    if method == FULL:
+        return None
     cfg = (record.get("config") or {}).get("method") or {}
     r, alpha = cfg.get("r"), cfg.get("alpha")
     if method is None or r is None or alpha is None:
@@ -126,11 +129,21 @@ def study_point(record: dict, metric: str) -> dict | None:
             "rslora": rslora, "value": float(value), "seed": record.get("seed")}
 
 
+def reference(records: Iterable[dict], metric: str) -> list[float]:
+    """The metric of the full fine-tuning runs among `records`: the reference line, not a rank series."""
+    values = [lookup(r, metric) for r in records if r.get("method") == FULL]
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
 def collect(records: Iterable[dict], metric: str, warn: Callable[[str], None] = lambda m: None) -> list[dict]:
-    """Study points of `records`, skipping (with a warning) those without the metric; all one task."""
+    """Study points of `records`, skipping (with a warning) those without the metric and, silently, full
+    fine-tuning (see `reference`); all one task."""
     points, tasks = [], set()
     for i, rec in enumerate(records):
         where = rec.get("path", f"record {i}")
+        if rec.get("method") == FULL:
+            tasks.add(rec.get("task"))
+            continue
         try:
             p = study_point(rec, metric)
         except ValueError as e:
@@ -175,6 +188,9 @@ def analyse(points: Sequence[dict], higher_is_better: bool, tol: float = 0.01,
     plateaus = {s: plateau_rank([(p["r"], p["value"]) for p in ps], higher_is_better, tol)
                 for s, ps in sorted(by_series.items(), key=lambda kv: _series_order(kv[0]))
                 if s != ADALORA and len({p["r"] for p in ps}) >= 2}
+    reached = {s: r < max(p["r"] for p in by_series[s]) or _last_gain(by_series[s], higher_is_better) < tol
+               for s, r in plateaus.items()}
+    note = None
     if alpha_rank is None:
         if "lora α/r=1" in plateaus:
             alpha_rank = plateaus["lora α/r=1"]
@@ -183,13 +199,28 @@ def analyse(points: Sequence[dict], higher_is_better: bool, tol: float = 0.01,
         elif points:
             ranks = [p["r"] for p in points if p["series"] != ADALORA]
             alpha_rank = max(set(ranks), key=ranks.count) if ranks else None
+        swept = sorted({p["r"] for p in points if p["series"] != ADALORA and not p["rslora"]
+                        and len({q["ratio"] for q in points if q["r"] == p["r"] and not q["rslora"]
+                                 and q["series"] != ADALORA}) >= 2})
+        if alpha_rank is not None and swept and alpha_rank not in swept:
+            below = [r for r in swept if r <= alpha_rank]
+            fallback = below[-1] if below else swept[0]
+            note = f"no α sweep at r = {alpha_rank}; the nearest swept rank r = {fallback} is used"
+            alpha_rank = fallback
     best = {}
     for kind in ("lora", "rslora"):
         at = [(p["ratio"], p["value"]) for p in points
               if p["r"] == alpha_rank and p["series"] != ADALORA and p["rslora"] == (kind == "rslora")]
         if len({x for x, _ in at}) >= 2:
             best[kind] = best_alpha_ratio(at, higher_is_better)
-    return {"plateau_rank": plateaus, "alpha_rank": alpha_rank, "best_alpha_ratio": best}
+    return {"plateau_rank": plateaus, "plateau_reached": reached, "alpha_rank": alpha_rank,
+            "alpha_rank_note": note, "best_alpha_ratio": best}
+
+
+def _last_gain(points: Sequence[dict], higher_is_better: bool) -> float:
+    """Relative gain of a series' last doubling (0 for a single rank)."""
+    pts = _means((p["r"], p["value"]) for p in points)
+    return relative_gain(pts[-2][1], pts[-1][1], higher_is_better) if len(pts) >= 2 else 0.0
 
 
 def _mean_std_n(values: Sequence[float]) -> str:
@@ -199,7 +230,8 @@ def _mean_std_n(values: Sequence[float]) -> str:
     return f"{v.mean():.4g} ± {v.std(ddof=1):.2g} (n={v.size})"
 
 
-def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is_better: bool, tol: float) -> str:
+def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is_better: bool, tol: float,
+                    full: Sequence[float] = ()) -> str:
     direction = "higher" if higher_is_better else "lower"
     lines = [f"# Rank / alpha study: `{metric}` ({direction} is better)", "",
              f"Plateau rank: the smallest rank after which every doubling improves `{metric}` by less than "
@@ -214,10 +246,16 @@ def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is
     for r in ranks:
         row = [_mean_std_n(cells[(s, r)]) if cells[(s, r)] else "" for s in series]
         lines.append(f"| {r} | " + " | ".join(row) + " |")
-    lines += ["", "| series | plateau rank |", "|---|---|"]
-    lines += [f"| {s} | {r} |" for s, r in result["plateau_rank"].items()] or ["| (no series with two ranks) | |"]
+    if full:
+        lines += ["", f"Full fine-tuning (reference, not a rank series): {_mean_std_n(full)}."]
+    lines += ["", "| series | plateau rank | plateau reached |", "|---|---|---|"]
+    reached = result.get("plateau_reached", {})
+    lines += [f"| {s} | {r} | {'yes' if reached.get(s, True) else 'no: the last doubling still gained ≥ ' + format(tol, 'g')} |"
+              for s, r in result["plateau_rank"].items()] or ["| (no series with two ranks) | | |"]
     r0 = result["alpha_rank"]
     lines += ["", f"## Quality vs α/r at r = {r0}", ""]
+    if result.get("alpha_rank_note"):
+        lines += [f"({result['alpha_rank_note']}.)", ""]
     at: dict[tuple[str, float], list[float]] = defaultdict(list)
     for p in points:
         if p["r"] == r0 and p["series"] != ADALORA:
@@ -233,10 +271,12 @@ def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is
     return "\n".join(lines) + "\n"
 
 
-def plot_rank(points: Sequence[dict], result: dict, metric: str, path: Path) -> Path | None:
+def plot_rank(points: Sequence[dict], result: dict, metric: str, path: Path, full: Sequence[float] = ()) -> Path | None:
     if not points:
         return None
     fig, ax = _figure()
+    if full:
+        ax.axhline(float(np.mean(full)), color="grey", linestyle="--", label="full fine-tuning")
     by: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for p in points:
         by[p["series"]].append((p["r"], p["value"]))
@@ -304,17 +344,20 @@ def report(records: Iterable[dict], out_dir: str | Path, metric: str, higher_is_
     (when there are runs at the α-sweep rank) into `out_dir`; returns what rank_study.json holds:
     plateau_rank (per series), alpha_rank, best_alpha_ratio (per scaling), metric, higher_is_better, files.
     """
+    records = list(records)
     points = collect(records, metric, warn)
+    full = reference(records, metric)
     if not points:
         raise StudyError(f"no run has a numeric {metric!r}")
     result = analyse(points, higher_is_better, tol, alpha_rank)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "rank_study.md", render_markdown(points, result, metric, higher_is_better, tol))
+    atomic_write_text(out / "rank_study.md", render_markdown(points, result, metric, higher_is_better, tol, full))
     files = [out / "rank_study.md", out / "rank_study.json",
-             plot_rank(points, result, metric, out / "quality_vs_rank.png"),
+             plot_rank(points, result, metric, out / "quality_vs_rank.png", full),
              plot_alpha(points, result, metric, out / "quality_vs_alpha.png")]
     result |= {"metric": metric, "higher_is_better": higher_is_better, "tol": tol, "runs": len(points),
+               "full_finetuning": full,
                "files": [str(f) for f in files if f is not None]}
     atomic_write_json(out / "rank_study.json", result)
     return result

@@ -225,3 +225,15 @@ def test_rank_study_jobs_compose_into_valid_configs(tmp_path, study, n_jobs):
             assert m.alpha == r  # α = r
     if study == "bbc":
         assert seen == {("blowup", 1.0, 1e-3), ("blowup", 1.0, 3e-3), ("blowup", 4.0, 1e-3), ("blowup", 4.0, 3e-3)}
+
+
+def test_rank_study_extra_learning_rates_repeat_the_rank_sweeps(tmp_path):
+    base = rank_sweep.study_jobs("bbc", tmp_path, [4, 8], [])
+    jobs = rank_sweep.study_jobs("bbc", tmp_path, [4, 8], [], lrs=[1e-3, 3e-3])
+    extra = [j for j in jobs if j not in base]
+    assert len(extra) == 2 * 3 * 2 and len({j.out for j in jobs}) == len(jobs)
+    for job in extra:
+        lr_dir = job.out.parent.name
+        assert job.out.parent.parent == tmp_path / "bbc" and lr_dir in ("lr0.001", "lr0.003")
+        cfg = adarank.run.to_config(compose_config(job.overrides))
+        assert cfg.train.lr == float(lr_dir[2:]) and cfg.method.name == job.out.name.split("_")[0]

@@ -2,7 +2,7 @@
 
     python experiments/rank_study/sweep.py --root multirun/rank_study --out results/rank_study --gpus 2
         [--studies bbc mrpc] [--per-gpu bbc=4 mrpc=12] [--ranks 4 8 16 32 64] [--spectrum-rank 16]
-        [--launch-until S --kill-at S] [-- EXTRA HYDRA OVERRIDES]
+        [--lrs LR ...] [--launch-until S --kill-at S] [-- EXTRA HYDRA OVERRIDES]
 
 Per study, the jobs (each `python -m adarank.run +experiment=rank_search_<study>_... resume=true`, see
 experiments/jobqueue.py) are:
@@ -11,7 +11,10 @@ experiments/jobqueue.py) are:
   * rsLoRA at a fixed α = 16, every rank;
   * adalora at the same final average ranks (α = r);
   * full fine-tuning once, for the spectrum comparison;
-  * BBC only: the failure mode, α/r 1 and 4 at learning rates 1e-3 and 3e-3, norms logged every step.
+  * BBC only: the failure mode, α/r 1 and 4 at learning rates 1e-3 and 3e-3, norms logged every step;
+  * with --lrs: LoRA (α = r), rsLoRA and adalora at every rank again at each of those learning rates, under
+    <study>/lr<lr>/, each with its own rank_study report in --out/<study>/lr<lr>/ (full fine-tuning as the
+    reference line).
 Then, in `--out/<study>/`: `python -m adarank.rank_study` (quality against rank per scaling, the plateau rank,
 the best α/r), `python -m adarank.norm_study` on the failure-mode runs, and `python -m adarank.analyze` on
 LoRA, adalora and full fine-tuning at `--spectrum-rank` (singular values and effective ranks of ΔW).
@@ -40,15 +43,25 @@ RATIOS = (0.5, 2.0, 4.0)  # α/r = 1 is the LoRA sweep itself
 BLOWUP = [(ratio, lr) for ratio in (1.0, 4.0) for lr in (1e-3, 3e-3)]
 
 
-def study_jobs(study: str, root: Path, ranks: list[int], extra: list[str]) -> list[Job]:
-    """Every run of one study, the slowest kinds first."""
-    folder = root / study
-    exp = f"+experiment=rank_search_{study}"
-    jobs = [Job(folder / "full", [f"{exp}_lora", "method=full", *extra])]
+def rank_sweep(folder: Path, exp: str, ranks: list[int], extra: list[str]) -> list[Job]:
+    """LoRA (α = r), rsLoRA (fixed α) and adalora at every rank, into `folder`."""
+    jobs = []
     for r in sorted(ranks, reverse=True):
         jobs += [Job(folder / f"lora_r{r}", [f"{exp}_lora", f"method.r={r}", *extra]),
                  Job(folder / f"rslora_r{r}", [f"{exp}_rslora", f"method.r={r}", *extra]),
                  Job(folder / f"adalora_r{r}", [f"{exp}_adalora", f"method.r={r}", *extra])]
+    return jobs
+
+
+def study_jobs(study: str, root: Path, ranks: list[int], extra: list[str], lrs: list[float] = ()) -> list[Job]:
+    """Every run of one study, the slowest kinds first. Each of `lrs` adds the three rank sweeps again at that
+    learning rate, under `<study>/lr<lr>/` (the experiment's own learning rate stays the recipe's)."""
+    folder = root / study
+    exp = f"+experiment=rank_search_{study}"
+    jobs = [Job(folder / "full", [f"{exp}_lora", "method=full", *extra])]
+    for lr in lrs:
+        jobs += rank_sweep(folder / f"lr{lr:g}", exp, ranks, [f"train.lr={lr:g}", *extra])
+    jobs += rank_sweep(folder, exp, ranks, extra)
     alpha_ranks = STUDIES[study][2] or ranks
     for r in alpha_ranks:
         if r not in ranks:
@@ -70,9 +83,12 @@ def reports(study: str, root: Path, out: Path, spectrum_rank: int) -> None:
 
     metric, lower, _, _ = STUDIES[study]
     folder, dest = root / study, out / study
-    runs = [str(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith("blowup_")]
-    args = [*runs, "--out", str(dest), "--metric", metric] + (["--lower-is-better"] if lower else [])
-    codes = {"rank_study": rank_study.main(args)}
+    runs = [str(p) for p in sorted(folder.iterdir()) if p.is_dir() and p.name.startswith(("lora_", "rslora_", "adalora_", "full"))]
+    flags = ["--metric", metric] + (["--lower-is-better"] if lower else [])
+    codes = {"rank_study": rank_study.main([*runs, "--out", str(dest), *flags])}
+    for lr_dir in sorted(folder.glob("lr*")):  # the rank sweeps again at another learning rate
+        codes[f"rank_study {lr_dir.name}"] = rank_study.main([str(lr_dir), str(folder / "full"), "--out",
+                                                              str(dest / lr_dir.name), *flags])
     blowups = sorted(str(p) for p in folder.glob("blowup_*"))
     if blowups:
         codes["norm_study"] = norm_study.main([*blowups, "--out", str(dest)])
@@ -92,6 +108,8 @@ def main() -> None:
     ap.add_argument("--per-gpu", nargs="*", default=[], metavar="STUDY=N", help="jobs per GPU, per study")
     ap.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 32, 64])
     ap.add_argument("--spectrum-rank", type=int, default=16)
+    ap.add_argument("--lrs", nargs="*", type=float, default=[],
+                    help="more learning rates: LoRA, rsLoRA and adalora at every rank again, under <study>/lr<lr>/")
     ap.add_argument("--launch-until", type=float, default=float("inf"))
     ap.add_argument("--kill-at", type=float, default=float("inf"))
     ap.add_argument("extra", nargs="*", help="more Hydra overrides for every job (after --)")
@@ -111,7 +129,7 @@ def main() -> None:
 
     t0 = time.time()
     for study in args.studies:
-        jobs = study_jobs(study, root, args.ranks, base)
+        jobs = study_jobs(study, root, args.ranks, base, args.lrs)
         spent = time.time() - t0
         run_queue(jobs, args.gpus, per_gpu[study], args.launch_until - spent, args.kill_at - spent)
         missing = [j.out.name for j in jobs if not j.done()]
