@@ -188,6 +188,39 @@ def test_glue_lever_stage_adopts_nothing_when_the_second_seed_disagrees(tmp_path
     assert study.state["candidate"] == "score_magnitude" and study.state["adopted"] is None
 
 
+def test_every_lever_composes_into_a_valid_config(tmp_path):
+    for lever, overrides in glue_sweep.LEVERS.items():
+        methods = ["adalora"] + (["peft_adalora"] if lever in glue_sweep.PEFT_HAS else [])
+        for method in methods:
+            job = glue_sweep.make_job(tmp_path, "x", "cola", method, 8, 2e-3, 0, ["wandb.mode=disabled"], lever=lever)
+            cfg = adarank.run.to_config(compose_config(job.overrides))
+            for o in overrides:
+                key, value = o.split("=")
+                got = getattr(cfg.method, key.split(".")[1])
+                assert str(got).lower() == value.lower() or float(got) == float(value), (lever, o, got)
+
+
+def test_lever_table_is_recomputed_from_the_run_folders(tmp_path, capsys):
+    levers = _load("levers_render", ROOT / "experiments" / "glue" / "levers.py")
+    cells = [("mrpc", "adalora", 2), ("mrpc", "adalora", 8)]
+    for cell in cells:
+        _result(glue_sweep.make_job(tmp_path, "select", "mrpc", "adalora", cell[2], 2e-3, 100, []), 0.80)
+        for lever in glue_sweep.LEVERS:
+            job = glue_sweep.make_job(tmp_path, "levers", "mrpc", "adalora", cell[2], 2e-3, 100, [],
+                                      lever=lever, folder=lever)
+            _result(job, None if lever == "orth_0.5" else 0.81 if lever == "init_2x" else 0.79)
+    (tmp_path / "sweep_state.json").write_text(json.dumps(
+        {"select_seed": 100, "chosen": {"mrpc/adalora/2": {"lr": 2e-3}, "mrpc/adalora/8": {"lr": 2e-3}},
+         "levers": {"candidate": "init_2x", "confirm": {"mean_gain": -0.01}, "adopted": None}}))
+    md = levers.render(tmp_path)
+    assert "| default (value) | – | 0.8000 | 0.8000 |" in md
+    assert "| init_2x | `method.init_ratio=2.0` | +1.00 | +1.00 | +1.00 | 2/2 |" in md
+    assert "| orth_0.5 | `method.orth_weight=0.5` | div. | div. | – | 0/2 |" in md
+    assert "Candidate by the rule: **init_2x**. Second seed: mean gain -1.00 points. Adopted: **none**" in md
+    assert levers.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.md")]) == 2
+    assert "sweep_state.json not found" in capsys.readouterr().err
+
+
 def test_glue_finals_at_a_new_learning_rate_supersede_the_old_ones(tmp_path):
     old = tmp_path / "final" / "mrpc" / "lora_r2" / "lr0.0005_seed0"
     same = tmp_path / "final" / "mrpc" / "lora_r2" / "lr0.002_seed1"
