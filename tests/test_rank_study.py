@@ -112,3 +112,25 @@ def test_cli(tmp_path, capsys):
     assert printed["plateau_rank"]["lora α/r=1"] == 16
     assert main([str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert main([str(tmp_path / "runs"), "--out", str(out), "--metric", "nope"]) == 2
+
+
+def test_full_finetuning_is_a_reference_not_a_rank_point(tmp_path):
+    full = {"task": "bbc", "method": "full", "seed": 0, "metrics": {"final": {"val/ppl": 16.5}},
+            "config": {"method": {"name": "full", "r": 2, "alpha": 16}}}  # r and α are config leftovers
+    recs = _records() + [full]
+    assert all(p["method"] != "full" for p in collect(recs, "val/ppl"))
+    res = report(recs, tmp_path, "val/ppl", higher_is_better=False, warn=lambda m: None)
+    assert res["full_finetuning"] == [16.5]
+    assert res["plateau_rank"]["lora α/r=1"] == 16  # no phantom r = 2 point from the full run
+    assert "Full fine-tuning (reference, not a rank series): 16.5." in (tmp_path / "rank_study.md").read_text()
+
+
+def test_a_curve_still_improving_has_no_plateau_and_the_alpha_sweep_falls_back():
+    recs = [_rec("lora", r, r, 100.0 / r) for r in (4, 8, 16, 32, 64)]  # halves with every doubling
+    recs += [_rec("lora", 32, a, v) for a, v in [(16, 4.0), (64, 2.5), (128, 2.0)]]  # α sweep only at r = 32
+    res = analyse(collect(recs, "val/ppl"), higher_is_better=False)
+    assert res["plateau_rank"]["lora α/r=1"] == 64 and res["plateau_reached"]["lora α/r=1"] is False
+    assert res["alpha_rank"] == 32 and "no α sweep at r = 64" in res["alpha_rank_note"]
+    assert res["best_alpha_ratio"] == {"lora": 4.0}
+    flat = analyse(collect(_records(), "val/ppl"), higher_is_better=False)
+    assert flat["plateau_reached"] == {"lora α/r=1": True, "rslora α=16": True} and flat["alpha_rank_note"] is None
