@@ -106,7 +106,8 @@ def lookup(record: dict, key: str) -> Any:
 
 
 def study_point(record: dict, metric: str) -> dict | None:
-    """{series, method, r, alpha, ratio, value, seed} of one results.json record; None without the metric."""
+    """{series, method, r, alpha, ratio, scale, rslora, value, seed} of one results.json record (scale: α/r, or
+    α/√r for rsLoRA); None without the metric, and None for full fine-tuning (see `reference`)."""
     value = lookup(record, metric)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return None
@@ -126,13 +127,21 @@ def study_point(record: dict, metric: str) -> dict | None:
     else:
         series = f"lora α/r={alpha / r:g}"
     return {"series": series, "method": method, "r": r, "alpha": alpha, "ratio": alpha / r,
+            "scale": alpha / math.sqrt(r) if rslora else alpha / r,
             "rslora": rslora, "value": float(value), "seed": record.get("seed")}
 
 
-def reference(records: Iterable[dict], metric: str) -> list[float]:
-    """The metric of the full fine-tuning runs among `records`: the reference line, not a rank series."""
-    values = [lookup(r, metric) for r in records if r.get("method") == FULL]
-    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+def reference(records: Iterable[dict], metric: str) -> list[tuple[float, float | None]]:
+    """(metric, learning rate) of the full fine-tuning runs among `records`: the reference line, not a rank
+    series. The rate is the one that applied (`method.lr` overrides `train.lr`)."""
+    from .report import effective_lr
+
+    out = []
+    for r in records:
+        v = lookup(r, metric) if r.get("method") == FULL else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append((float(v), effective_lr(r.get("config"))))
+    return out
 
 
 def collect(records: Iterable[dict], metric: str, warn: Callable[[str], None] = lambda m: None) -> list[dict]:
@@ -188,8 +197,8 @@ def analyse(points: Sequence[dict], higher_is_better: bool, tol: float = 0.01,
     plateaus = {s: plateau_rank([(p["r"], p["value"]) for p in ps], higher_is_better, tol)
                 for s, ps in sorted(by_series.items(), key=lambda kv: _series_order(kv[0]))
                 if s != ADALORA and len({p["r"] for p in ps}) >= 2}
-    reached = {s: r < max(p["r"] for p in by_series[s]) or _last_gain(by_series[s], higher_is_better) < tol
-               for s, r in plateaus.items()}
+    # plateau_rank gives the top rank exactly when the last doubling still gained >= tol
+    reached = {s: r < max(p["r"] for p in by_series[s]) for s, r in plateaus.items()}
     note = None
     if alpha_rank is None:
         if "lora α/r=1" in plateaus:
@@ -205,8 +214,11 @@ def analyse(points: Sequence[dict], higher_is_better: bool, tol: float = 0.01,
         if alpha_rank is not None and swept and alpha_rank not in swept:
             below = [r for r in swept if r <= alpha_rank]
             fallback = below[-1] if below else swept[0]
-            note = f"no α sweep at r = {alpha_rank}; the nearest swept rank r = {fallback} is used"
+            note = (f"no α sweep at r = {alpha_rank}; the largest rank below it with one, r = {fallback}, is used"
+                    if below else f"no α sweep at r = {alpha_rank} or below; the smallest rank with one, r = {fallback}, is used")
             alpha_rank = fallback
+        elif alpha_rank is not None and not swept:
+            note = "these runs hold no α sweep"
     best = {}
     for kind in ("lora", "rslora"):
         at = [(p["ratio"], p["value"]) for p in points
@@ -217,11 +229,6 @@ def analyse(points: Sequence[dict], higher_is_better: bool, tol: float = 0.01,
             "alpha_rank_note": note, "best_alpha_ratio": best}
 
 
-def _last_gain(points: Sequence[dict], higher_is_better: bool) -> float:
-    """Relative gain of a series' last doubling (0 for a single rank)."""
-    pts = _means((p["r"], p["value"]) for p in points)
-    return relative_gain(pts[-2][1], pts[-1][1], higher_is_better) if len(pts) >= 2 else 0.0
-
 
 def _mean_std_n(values: Sequence[float]) -> str:
     v = np.asarray(values, dtype=float)
@@ -231,7 +238,7 @@ def _mean_std_n(values: Sequence[float]) -> str:
 
 
 def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is_better: bool, tol: float,
-                    full: Sequence[float] = ()) -> str:
+                    full: Sequence[tuple[float, float | None]] = ()) -> str:
     direction = "higher" if higher_is_better else "lower"
     lines = [f"# Rank / alpha study: `{metric}` ({direction} is better)", "",
              f"Plateau rank: the smallest rank after which every doubling improves `{metric}` by less than "
@@ -247,7 +254,8 @@ def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is
         row = [_mean_std_n(cells[(s, r)]) if cells[(s, r)] else "" for s in series]
         lines.append(f"| {r} | " + " | ".join(row) + " |")
     if full:
-        lines += ["", f"Full fine-tuning (reference, not a rank series): {_mean_std_n(full)}."]
+        lrs = ", ".join(sorted({"?" if lr is None else f"{lr:g}" for _, lr in full}))
+        lines += ["", f"Full fine-tuning (reference, not a rank series; lr {lrs}): {_mean_std_n([v for v, _ in full])}."]
     lines += ["", "| series | plateau rank | plateau reached |", "|---|---|---|"]
     reached = result.get("plateau_reached", {})
     lines += [f"| {s} | {r} | {'yes' if reached.get(s, True) else 'no: the last doubling still gained ≥ ' + format(tol, 'g')} |"
@@ -259,11 +267,11 @@ def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is
     at: dict[tuple[str, float], list[float]] = defaultdict(list)
     for p in points:
         if p["r"] == r0 and p["series"] != ADALORA:
-            at[("rslora" if p["rslora"] else "lora", p["ratio"])].append(p["value"])
+            at[("rslora" if p["rslora"] else "lora", p["ratio"], p["scale"])].append(p["value"])
     if at:
-        lines += ["| scaling | α/r | α | value |", "|---|---|---|---|"]
-        for (kind, ratio), vs in sorted(at.items()):
-            lines.append(f"| {kind} | {ratio:g} | {ratio * r0:g} | {_mean_std_n(vs)} |")
+        lines += ["| scaling | α/r | α | scale (LoRA α/r, rsLoRA α/√r) | value |", "|---|---|---|---|---|"]
+        for (kind, ratio, scale), vs in sorted(at.items()):
+            lines.append(f"| {kind} | {ratio:g} | {ratio * r0:g} | {scale:.3g} | {_mean_std_n(vs)} |")
     else:
         lines.append("No runs at this rank.")
     for kind, ratio in result["best_alpha_ratio"].items():
@@ -271,12 +279,13 @@ def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is
     return "\n".join(lines) + "\n"
 
 
-def plot_rank(points: Sequence[dict], result: dict, metric: str, path: Path, full: Sequence[float] = ()) -> Path | None:
+def plot_rank(points: Sequence[dict], result: dict, metric: str, path: Path,
+              full: Sequence[tuple[float, float | None]] = ()) -> Path | None:
     if not points:
         return None
     fig, ax = _figure()
     if full:
-        ax.axhline(float(np.mean(full)), color="grey", linestyle="--", label="full fine-tuning")
+        ax.axhline(float(np.mean([v for v, _ in full])), color="grey", linestyle="--", label="full fine-tuning")
     by: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for p in points:
         by[p["series"]].append((p["r"], p["value"]))
@@ -303,7 +312,7 @@ def plot_alpha(points: Sequence[dict], result: dict, metric: str, path: Path) ->
     by: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for p in points:
         if p["r"] == r0 and p["series"] != ADALORA:
-            by["rslora" if p["rslora"] else "lora"].append((p["ratio"], p["value"]))
+            by["rslora" if p["rslora"] else "lora"].append((p["scale"], p["value"]))
     if not by:
         return None
     fig, ax = _figure()
@@ -311,7 +320,7 @@ def plot_alpha(points: Sequence[dict], result: dict, metric: str, path: Path) ->
         xs, ys = zip(*_means(pts))
         ax.plot(xs, ys, marker="o", label=kind)
     _log2_ticks(ax, sorted({x for pts in by.values() for x, _ in pts}))
-    ax.set_xlabel("α / r")
+    ax.set_xlabel("adapter scale (LoRA: α / r; rsLoRA: α / √r)")
     ax.set_ylabel(metric)
     ax.set_title(f"quality vs α/r at r = {r0}")
     ax.legend()
@@ -342,7 +351,9 @@ def report(records: Iterable[dict], out_dir: str | Path, metric: str, higher_is_
            warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
     """Write ``rank_study.md``, ``rank_study.json``, ``quality_vs_rank.png`` and ``quality_vs_alpha.png``
     (when there are runs at the α-sweep rank) into `out_dir`; returns what rank_study.json holds:
-    plateau_rank (per series), alpha_rank, best_alpha_ratio (per scaling), metric, higher_is_better, files.
+    plateau_rank and plateau_reached (per series), alpha_rank and alpha_rank_note, best_alpha_ratio (per
+    scaling), full_finetuning (value and lr of each full fine-tuning run), metric, higher_is_better, tol, runs,
+    files.
     """
     records = list(records)
     points = collect(records, metric, warn)
@@ -357,7 +368,7 @@ def report(records: Iterable[dict], out_dir: str | Path, metric: str, higher_is_
              plot_rank(points, result, metric, out / "quality_vs_rank.png", full),
              plot_alpha(points, result, metric, out / "quality_vs_alpha.png")]
     result |= {"metric": metric, "higher_is_better": higher_is_better, "tol": tol, "runs": len(points),
-               "full_finetuning": full,
+               "full_finetuning": [{"value": v, "lr": lr} for v, lr in full],
                "files": [str(f) for f in files if f is not None]}
     atomic_write_json(out / "rank_study.json", result)
     return result
@@ -396,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ReportError, StudyError) as e:
         print(f"rank_study: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: result[k] for k in ("plateau_rank", "alpha_rank", "best_alpha_ratio")}, ensure_ascii=False))
+    keys = ("plateau_rank", "plateau_reached", "alpha_rank", "best_alpha_ratio")
+    print(json.dumps({k: result[k] for k in keys}, ensure_ascii=False))
     return 0
 
 

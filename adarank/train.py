@@ -8,6 +8,7 @@ weight·R in closed form, batched). Nobody has to remember a hook.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import platform
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,6 +97,16 @@ def _git_sha() -> str | None:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
     except Exception:
         return None
+
+
+def code_sha256() -> str:
+    """sha256 of the package's own source (every adarank/**/*.py, path and bytes, in path order): which code
+    ran, also from an uncommitted tree or a copy without its .git, where `git_sha` says less or nothing."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -442,7 +454,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         "world_size": dist.world_size,
         "final_ranks": ranks, "budget_curve": history["budget_curve"],
         "evals": history["evals"], "train_log": history["log"],
-        "config": _plain(cfg), "git_sha": _git_sha(), "versions": _versions(),
+        "config": _plain(cfg), "git_sha": _git_sha(), "code_sha256": code_sha256(), "versions": _versions(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
     }
     if dist.is_main:

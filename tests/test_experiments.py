@@ -121,8 +121,18 @@ def _result(job, val, task="mrpc", method="adalora"):
          "metrics": {"best": {"val/f1": val}}}))
 
 
+glue_levers = _load("glue_levers", ROOT / "experiments" / "glue" / "levers.py")
+
+
+def _study(root, cells, extra=()):
+    """A lever study whose jobs are the sweep's own (make_job), as main() builds it."""
+    def make(stage, task, method, budget, lr, seed, lever, folder):
+        return glue_sweep.make_job(root, stage, task, method, budget, lr, seed, list(extra), lever=lever, folder=folder)
+    return glue_levers.Levers(make, cells, 100, 101, glue_sweep.SEEDS)
+
+
 def test_lever_rule_screens_then_confirms():
-    levers = _load("levers", ROOT / "experiments" / "glue" / "levers.py")
+    levers = glue_levers
     default = {("a", 2): 0.80, ("a", 8): 0.80, ("b", 2): 0.50}
     screen = {
         "small_but_steady": levers.summarize(levers.gains({("a", 2): 0.81, ("a", 8): 0.81, ("b", 2): 0.49}, default)),
@@ -136,6 +146,7 @@ def test_lever_rule_screens_then_confirms():
     assert levers.candidate({"worse": screen["worse"]}) is None
     # lower-is-better metrics flip the sign
     assert levers.gains({"c": 9.0}, {"c": 10.0}, lower=True) == [1.0]
+    assert levers.gains({"c": 9.0, "d": 0.9}, {"c": 10.0, "d": 0.8}, lower={"c": True, "d": False}) == [1.0, 0.9 - 0.8]
     assert levers.confirmed(levers.summarize([0.01, -0.005, 0.0]))
     assert not levers.confirmed(levers.summarize([0.01, None, 0.02]))
 
@@ -148,7 +159,7 @@ def test_glue_lever_stage_screens_confirms_and_queues_finals_with_the_adopted_le
     defaults = {c: next(j for j in selects if j.tags["group"] == c and j.tags["lr"] == 2e-3) for c in cells}
     for j in defaults.values():
         _result(j, 0.80)
-    study = glue_sweep.Levers(tmp_path, cells, 100, 101, ["wandb.mode=disabled"])
+    study = _study(tmp_path, cells, ["wandb.mode=disabled"])
     screen = study.step({cells[0]: 2e-3}, defaults)  # one cell chosen so far: its screen starts
     assert len(screen) == len(L) and {j.tags["lever"] for j in screen} == set(L)
     screen += study.step(chosen, defaults)
@@ -163,8 +174,10 @@ def test_glue_lever_stage_screens_confirms_and_queues_finals_with_the_adopted_le
     assert sorted((j.tags["lever"] or "", j.tags["seed"]) for j in confirm) == [("", 101)] * 2 + [("init_2x", 101)] * 2
     for j in confirm:
         _result(j, 0.82 if j.tags["lever"] else 0.81)
-    finals = study.step(chosen, defaults)
+    not_yet = {g: lr for g, lr in chosen.items() if g != ("mrpc", "peft_adalora", 8)}
+    assert study.step(not_yet, defaults) == []  # PEFT's r8 rate is not chosen yet: no finals for anyone yet
     assert study.state["adopted"] == "init_2x" and study.state["confirm"]["mean_gain"] > 0
+    finals = study.step(chosen, defaults)
     # PEFT has an initial rank too, so both AdaLoRAs rerun their finals, each at its own learning rate
     assert len(finals) == 2 * (5 + 3)
     peft = [j for j in finals if j.tags["group"][1] == "peft_adalora" and j.tags["group"][2] == 2]
@@ -178,7 +191,7 @@ def test_glue_lever_stage_adopts_nothing_when_the_second_seed_disagrees(tmp_path
     defaults = {c: next(j for j in selects if j.tags["group"] == c) for c in cells}
     for j in defaults.values():
         _result(j, 0.80)
-    study = glue_sweep.Levers(tmp_path, cells, 100, 101, [])
+    study = _study(tmp_path, cells)
     chosen = {c: 2e-3 for c in cells}
     for j in study.step(chosen, defaults):
         _result(j, 0.9 if j.tags["lever"] == "score_magnitude" else 0.7)
@@ -190,7 +203,7 @@ def test_glue_lever_stage_adopts_nothing_when_the_second_seed_disagrees(tmp_path
 
 def test_every_lever_composes_into_a_valid_config(tmp_path):
     for lever, overrides in glue_sweep.LEVERS.items():
-        methods = ["adalora"] + (["peft_adalora"] if lever in glue_sweep.PEFT_HAS else [])
+        methods = ["adalora"] + (["peft_adalora"] if lever in glue_levers.PEFT_HAS else [])
         for method in methods:
             job = glue_sweep.make_job(tmp_path, "x", "cola", method, 8, 2e-3, 0, ["wandb.mode=disabled"], lever=lever)
             cfg = adarank.run.to_config(compose_config(job.overrides))
@@ -201,7 +214,7 @@ def test_every_lever_composes_into_a_valid_config(tmp_path):
 
 
 def test_lever_table_is_recomputed_from_the_run_folders(tmp_path, capsys):
-    levers = _load("levers_render", ROOT / "experiments" / "glue" / "levers.py")
+    levers = glue_levers
     cells = [("mrpc", "adalora", 2), ("mrpc", "adalora", 8)]
     for cell in cells:
         _result(glue_sweep.make_job(tmp_path, "select", "mrpc", "adalora", cell[2], 2e-3, 100, []), 0.80)
@@ -216,7 +229,16 @@ def test_lever_table_is_recomputed_from_the_run_folders(tmp_path, capsys):
     assert "| default (value) | – | 0.8000 | 0.8000 |" in md
     assert "| init_2x | `method.init_ratio=2.0` | +1.00 | +1.00 | +1.00 | 2/2 |" in md
     assert "| orth_0.5 | `method.orth_weight=0.5` | div. | div. | – | 0/2 |" in md
+    assert "(mrpc: f1)" in md
     assert "Candidate by the rule: **init_2x**. Second seed: mean gain -1.00 points. Adopted: **none**" in md
+    state = json.loads((tmp_path / "sweep_state.json").read_text())
+    state["levers"] = {"candidate": "init_2x", "confirm": {"mean_gain": 0.004}, "adopted": "init_2x"}
+    (tmp_path / "sweep_state.json").write_text(json.dumps(state))
+    assert ("Candidate by the rule: **init_2x**. Second seed: mean gain +0.40 points. Adopted: **init_2x**"
+            in levers.render(tmp_path))
+    state["levers"]["confirm"] = {"mean_gain": None}  # every confirmation run diverged
+    (tmp_path / "sweep_state.json").write_text(json.dumps(state))
+    assert "Second seed: no complete comparison." in levers.render(tmp_path)
     assert levers.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.md")]) == 2
     assert "sweep_state.json not found" in capsys.readouterr().err
 
@@ -227,9 +249,16 @@ def test_glue_finals_at_a_new_learning_rate_supersede_the_old_ones(tmp_path):
     for d in (old, same):
         d.mkdir(parents=True)
         (d / "results.json").write_text("{}")
-    glue_sweep.supersede(tmp_path, "mrpc", "lora", 2, 2e-3)
+    said = []
+    glue_sweep.supersede(tmp_path, "mrpc", "lora", 2, 2e-3, log=said.append)
     assert same.exists() and not old.exists()
-    assert (tmp_path / "superseded" / "final" / "mrpc" / "lora_r2" / "lr0.0005_seed0" / "results.json").exists()
+    moved = tmp_path / "superseded" / "final" / "mrpc" / "lora_r2" / "lr0.0005_seed0"
+    assert (moved / "results.json").exists() and len(said) == 1 and "moved final/mrpc/lora_r2/lr0.0005_seed0" in said[0]
+    # the same rate chosen again later and superseded again: the second copy gets a suffix, nothing is lost
+    old.mkdir(parents=True)
+    (old / "results.json").write_text("{}")
+    glue_sweep.supersede(tmp_path, "mrpc", "lora", 2, 2e-3, log=said.append)
+    assert moved.exists() and (moved.parent / "lr0.0005_seed0.1" / "results.json").exists()
 
 
 @pytest.mark.parametrize("study,n_jobs", [("bbc", 1 + 3 * 5 + 3 * 3 + 4), ("mrpc", 1 + 3 * 5 + 3 * 5)])

@@ -120,9 +120,9 @@ def test_full_finetuning_is_a_reference_not_a_rank_point(tmp_path):
     recs = _records() + [full]
     assert all(p["method"] != "full" for p in collect(recs, "val/ppl"))
     res = report(recs, tmp_path, "val/ppl", higher_is_better=False, warn=lambda m: None)
-    assert res["full_finetuning"] == [16.5]
+    assert res["full_finetuning"] == [{"value": 16.5, "lr": None}]
     assert res["plateau_rank"]["lora α/r=1"] == 16  # no phantom r = 2 point from the full run
-    assert "Full fine-tuning (reference, not a rank series): 16.5." in (tmp_path / "rank_study.md").read_text()
+    assert "Full fine-tuning (reference, not a rank series; lr ?): 16.5." in (tmp_path / "rank_study.md").read_text()
 
 
 def test_a_curve_still_improving_has_no_plateau_and_the_alpha_sweep_falls_back():
@@ -130,7 +130,7 @@ def test_a_curve_still_improving_has_no_plateau_and_the_alpha_sweep_falls_back()
     recs += [_rec("lora", 32, a, v) for a, v in [(16, 4.0), (64, 2.5), (128, 2.0)]]  # α sweep only at r = 32
     res = analyse(collect(recs, "val/ppl"), higher_is_better=False)
     assert res["plateau_rank"]["lora α/r=1"] == 64 and res["plateau_reached"]["lora α/r=1"] is False
-    assert res["alpha_rank"] == 32 and "no α sweep at r = 64" in res["alpha_rank_note"]
+    assert res["alpha_rank"] == 32 and "no α sweep at r = 64; the largest rank below it with one, r = 32" in res["alpha_rank_note"]
     assert res["best_alpha_ratio"] == {"lora": 4.0}
     flat = analyse(collect(_records(), "val/ppl"), higher_is_better=False)
     assert flat["plateau_reached"] == {"lora α/r=1": True, "rslora α=16": True} and flat["alpha_rank_note"] is None

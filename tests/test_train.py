@@ -84,3 +84,20 @@ def test_offline_wandb_logs_loss_budget_and_eval(tmp_path):
     assert history[10]["eval/validation/accuracy"] == res["value"]
     assert history[10]["ranks/total"] == 24  # the final ranks, with their table and heatmap
     assert got["summary"]["final/validation/accuracy"] == res["value"]
+
+
+def test_results_record_a_hash_of_the_source_that_ran(tmp_path, monkeypatch):
+    import adarank.train as train
+
+    res = run(tiny_config(tmp_path, "method=lora", "wandb.mode=disabled", "train.max_steps=2"), tmp_path / "out")
+    assert res["code_sha256"] == train.code_sha256() and len(res["code_sha256"]) == 64
+    # the hash follows the bytes of the package: a copy with one file changed hashes differently
+    import shutil
+    from pathlib import Path
+
+    copy = tmp_path / "pkg" / "adarank"
+    shutil.copytree(Path(train.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(train, "__file__", str(copy / "train.py"))
+    same = train.code_sha256()
+    (copy / "layers.py").write_text((copy / "layers.py").read_text() + "\n# edited\n")
+    assert same == res["code_sha256"] and train.code_sha256() != same

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments"), str(Path(__file__).resolve().parent)]
 
 from jobqueue import Job, run_queue
-from levers import LEVERS, PEFT_HAS, candidate, confirmed, gains, summarize
+from levers import LEVERS, Levers
 
 from adarank.atomic import atomic_write_json
 from adarank.report import choose_lr as report_choose_lr
@@ -43,8 +43,8 @@ from adarank.report import load_row, lower_is_better
 
 METHODS = ("full", "lora", "rslora", "adalora", "peft_adalora")
 SEEDS = {2: (0, 1, 2, 3, 4), 8: (0, 1, 2)}
-COST = {"sst2": 3, "cola": 2, "mrpc": 1}
-LRS = (2e-5, 5e-5, 1e-4, 5e-4, 2e-3, 5e-3, 1e-2)  # one grid for every method  # rough relative run time, to start the longest jobs first
+COST = {"sst2": 3, "cola": 2, "mrpc": 1}  # rough relative run time, to start the longest jobs first
+LRS = (2e-5, 5e-5, 1e-4, 5e-4, 2e-3, 5e-3, 1e-2)  # one grid for every method
 
 
 def make_job(root: Path, stage: str, task: str, method: str, budget: int, lr: float, seed: int, extra: list[str],
@@ -84,80 +84,22 @@ def choose_lr(jobs: list[Job]) -> tuple[float, dict[str, float | None]] | None:
     return report_choose_lr(ok, lower_is_better(next(iter(rows.values()))["metric"])), scores
 
 
-def val_value(job: Job) -> float | None:
-    """The job's validation metric at its best step; None for a diverged or unfinished job."""
-    path = job.out / "results.json"
-    return load_row(path)["val_value"] if path.exists() else None
-
-
-def supersede(root: Path, task: str, method: str, budget: int, lr: float) -> None:
+def supersede(root: Path, task: str, method: str, budget: int, lr: float, log=print) -> None:
     """Move final runs of this group made at another learning rate (an earlier, narrower grid chose it) to
-    <root>/superseded/, so that the final folder holds only runs at the current choice."""
+    <root>/superseded/ (a numbered suffix when that name is taken), saying so, so that the final folder holds
+    only runs at the current choice."""
     name = "full" if method == "full" else f"{method}_r{budget}"
     keep = f"lr{lr:g}_"
     for d in sorted((root / "final" / task / name).glob("lr*_seed*")):
-        if not d.name.startswith(keep):
-            dest = root / "superseded" / d.relative_to(root)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            d.rename(dest)
-
-
-class Levers:
-    """The lever study of levers.py over the adalora cells: screen (one seed), confirm (a second seed), then
-    final runs with the adopted lever under <root>/final_<lever>/. Decisions are recomputed from the run
-    folders, so a resumed sweep reaches the same ones."""
-
-    def __init__(self, root: Path, cells: list[tuple], screen_seed: int, confirm_seed: int, base: list[str]):
-        self.root, self.cells, self.base = root, cells, base
-        self.seeds = (screen_seed, confirm_seed)
-        self.screen: dict[tuple, list[Job]] = {}
-        self.confirm: list[Job] | None = None
-        self.finals: list[Job] | None = None
-        self.state: dict = {"rule": "levers.py", "screen": {}, "candidate": None, "confirm": None, "adopted": None}
-
-    def lever_job(self, cell, lr, seed, lever, method="adalora"):
-        task, _, budget = cell
-        return make_job(self.root, "levers", task, method, budget, lr, seed, self.base,
-                        lever=lever, folder=lever or "default")
-
-    def step(self, chosen: dict[tuple, float], defaults: dict[tuple, Job]) -> list[Job]:
-        """New jobs, given the chosen learning rates and the default's selection run per adalora cell."""
-        new = []
-        for cell in self.cells:
-            if cell in chosen and cell not in self.screen:
-                self.screen[cell] = [self.lever_job(cell, chosen[cell], self.seeds[0], lv) for lv in LEVERS]
-                new += self.screen[cell]
-        if len(self.screen) < len(self.cells) or not all(j.done() for js in self.screen.values() for j in js):
-            return new
-        if self.confirm is None:
-            default = {c: val_value(defaults[c]) for c in self.cells}
-            for lv in LEVERS:
-                own = {c: val_value(next(j for j in self.screen[c] if j.tags["lever"] == lv)) for c in self.cells}
-                self.state["screen"][lv] = summarize(gains(own, default))
-            cand = candidate(self.state["screen"])
-            self.state["candidate"] = cand
-            self.confirm = [] if cand is None else [self.lever_job(c, chosen[c], self.seeds[1], lv)
-                                                    for c in self.cells for lv in (cand, None)]
-            new += self.confirm
-        if self.finals is not None or not all(j.done() for j in self.confirm):
-            return new
-        cand = self.state["candidate"]
-        if cand is not None:
-            own = {j.tags["group"]: val_value(j) for j in self.confirm if j.tags["lever"] == cand}
-            default = {j.tags["group"]: val_value(j) for j in self.confirm if j.tags["lever"] is None}
-            self.state["confirm"] = summarize(gains(own, {c: default[c] for c in self.cells}))
-            self.state["adopted"] = cand if confirmed(self.state["confirm"]) else None
-        self.finals = []
-        lever = self.state["adopted"]
-        if lever is not None:
-            methods = ["adalora"] + (["peft_adalora"] if lever in PEFT_HAS else [])
-            for task, _, budget in self.cells:
-                for m in methods:
-                    lr = chosen.get((task, m, budget))
-                    if lr is not None:
-                        self.finals += [make_job(self.root, f"final_{lever}", task, m, budget, lr, s, self.base, lever=lever)
-                                        for s in SEEDS[budget]]
-        return new + self.finals
+        if d.name.startswith(keep):
+            continue
+        dest = root / "superseded" / d.relative_to(root)
+        n = 1
+        while dest.exists():
+            dest, n = dest.with_name(f"{d.name}.{n}"), n + 1
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        d.rename(dest)
+        log(f"sweep: {task}/{name} now uses lr {lr:g}; moved {d.relative_to(root)} to {dest.relative_to(root)}")
 
 
 def main() -> None:
@@ -186,13 +128,20 @@ def main() -> None:
     chosen_lr: dict[tuple, float] = {}
     finals_queued: set[tuple] = set()
     cells = [g for g in groups if g[1] == "adalora"]
-    levers = Levers(root, cells, args.select_seed, args.confirm_seed, base) if "levers" in args.stages else None
+
+    def make(stage, task, method, budget, lr, seed, lever, folder) -> Job:
+        return make_job(root, stage, task, method, budget, lr, seed, base, lever=lever, folder=folder)
+
+    levers = Levers(make, cells, args.select_seed, args.confirm_seed, SEEDS) if "levers" in args.stages else None
     state_path = root / "sweep_state.json"
-    log: list[dict] = json.loads(state_path.read_text())["jobs"] if state_path.exists() else []
+    old = json.loads(state_path.read_text()) if state_path.exists() else {}
+    log: list[dict] = old.get("jobs", [])
 
     def save() -> None:
-        atomic_write_json(state_path, {"lrs": args.lrs, "select_seed": args.select_seed, "chosen": chosen,
-                                       "levers": levers.state if levers else None, "jobs": log})
+        """The state file, merged with what an earlier call (maybe with other --tasks or --stages) recorded."""
+        atomic_write_json(state_path, {"lrs": args.lrs, "select_seed": args.select_seed,
+                                       "chosen": old.get("chosen", {}) | chosen,
+                                       "levers": levers.state if levers else old.get("levers"), "jobs": log})
 
     def more() -> list[Job]:
         """The final jobs of every group whose selection has just ended, then the lever study's next jobs."""

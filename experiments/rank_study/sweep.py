@@ -54,8 +54,8 @@ def rank_sweep(folder: Path, exp: str, ranks: list[int], extra: list[str]) -> li
 
 
 def study_jobs(study: str, root: Path, ranks: list[int], extra: list[str], lrs: list[float] = ()) -> list[Job]:
-    """Every run of one study, the slowest kinds first. Each of `lrs` adds the three rank sweeps again at that
-    learning rate, under `<study>/lr<lr>/` (the experiment's own learning rate stays the recipe's)."""
+    """Every run of one study: full fine-tuning, the rank sweeps at each of `lrs` (under `<study>/lr<lr>/`; the
+    experiment's own learning rate stays the recipe's), the rank sweeps, the α sweeps, then the blow-up runs."""
     folder = root / study
     exp = f"+experiment=rank_search_{study}"
     jobs = [Job(folder / "full", [f"{exp}_lora", "method=full", *extra])]
@@ -87,8 +87,8 @@ def reports(study: str, root: Path, out: Path, spectrum_rank: int) -> None:
     flags = ["--metric", metric] + (["--lower-is-better"] if lower else [])
     codes = {"rank_study": rank_study.main([*runs, "--out", str(dest), *flags])}
     for lr_dir in sorted(folder.glob("lr*")):  # the rank sweeps again at another learning rate
-        codes[f"rank_study {lr_dir.name}"] = rank_study.main([str(lr_dir), str(folder / "full"), "--out",
-                                                              str(dest / lr_dir.name), *flags])
+        full = [str(folder / "full")] if (folder / "full" / "results.json").exists() else []
+        codes[f"rank_study {lr_dir.name}"] = rank_study.main([str(lr_dir), *full, "--out", str(dest / lr_dir.name), *flags])
     blowups = sorted(str(p) for p in folder.glob("blowup_*"))
     if blowups:
         codes["norm_study"] = norm_study.main([*blowups, "--out", str(dest)])
