@@ -22,7 +22,7 @@ RESULT_KEYS = {
     "experiment", "task", "method", "model", "budget", "seed", "metric", "value", "best_value", "metrics",
     "trainable_params", "trainable_share", "trainable_params_final", "steps", "seconds", "final_ranks",
     "budget_curve", "config", "train_seconds", "steps_per_second", "world_size", "evals", "train_log",
-    "git_sha", "versions", "device",
+    "git_sha", "code_sha256", "versions", "device",
 }
 METHODS = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
 EXPERIMENTS = sorted(p.stem for p in Path(adarank.run.CONF_DIR, "experiment").glob("*.yaml"))
