@@ -83,39 +83,34 @@ class ReportError(Exception):
 # ---------------------------------------------------------------- loading
 
 
-def find_results(dirs: Sequence[str]) -> list[Path]:
-    """All ``results.json`` under ``dirs``, each file once, in path order."""
-    found: dict[Path, Path] = {}
+def _find(dirs: Sequence[str], names: Sequence[str]) -> dict[str, list[Path]]:
+    """Per file name in ``names``: the files of that name under ``dirs`` (a DIR may also be one such file),
+    each file once, in path order. A DIR that does not exist, or holds none of them, is a ReportError."""
+    found: dict[str, dict[Path, Path]] = {n: {} for n in names}
     for d in dirs:
         root = Path(d)
         if not root.exists():
             raise ReportError(f"{d}: no such directory")
-        hits = [root] if root.name == "results.json" else sorted(root.rglob("results.json"))
+        hits = [root] if root.name in names else [h for n in names for h in sorted(root.rglob(n))]
         hits = [h for h in hits if h.is_file()]
         if not hits:
-            raise ReportError(f"{d}: no results.json found")
+            raise ReportError(f"{d}: no {' or '.join(names)} found")
         for h in hits:
-            found.setdefault(h.resolve(), h)  # overlapping DIRs must not fake duplicates
-    return sorted(found.values(), key=str)
+            found[h.name].setdefault(h.resolve(), h)  # overlapping DIRs must not fake duplicates
+    return {n: sorted(f.values(), key=str) for n, f in found.items()}
+
+
+def find_results(dirs: Sequence[str]) -> list[Path]:
+    """All ``results.json`` under ``dirs``, each file once, in path order."""
+    return _find(dirs, ("results.json",))["results.json"]
 
 
 def find_runs(dirs: Sequence[str]) -> tuple[list[Path], list[Path]]:
     """(results.json, diverged.json) files under `dirs`, each once. A folder with both holds a run that
     was resumed and finished: its results.json is the record."""
-    found: dict[str, dict[Path, Path]] = {"results.json": {}, "diverged.json": {}}
-    for d in dirs:
-        root = Path(d)
-        if not root.exists():
-            raise ReportError(f"{d}: no such directory")
-        hits = [root] if root.is_file() else [h for n in found for h in sorted(root.rglob(n))]
-        hits = [h for h in hits if h.is_file() and h.name in found]
-        if not hits:
-            raise ReportError(f"{d}: no results.json or diverged.json found")
-        for h in hits:
-            found[h.name].setdefault(h.resolve(), h)
-    finished = {p.parent for p in found["results.json"]}
-    return (sorted(found["results.json"].values(), key=str),
-            sorted((h for p, h in found["diverged.json"].items() if p.parent not in finished), key=str))
+    found = _find(dirs, ("results.json", "diverged.json"))
+    finished = {p.resolve().parent for p in found["results.json"]}
+    return found["results.json"], [h for h in found["diverged.json"] if h.resolve().parent not in finished]
 
 
 def _get(d: Any, *keys: str) -> Any:
