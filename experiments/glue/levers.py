@@ -32,10 +32,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(Path(__file__).resolve().parent)):  # the package, and layout.py beside this file
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from adarank.report import load_row, lower_is_better
+from layout import group_dir, run_name
 
 #: lever name -> overrides. The GLUE configs' default: budgeting from 10% to 70% of training (init_frac 0.1,
 #: final_frac 0.3), init_ratio 1.5, beta1 = beta2 = 0.85, orth_weight 0.1, scale α/r_init, uncertainty scores.
@@ -190,7 +192,7 @@ def render(root: Path) -> str:
     seed = state["select_seed"]
 
     def run(stage: str, task: str, b: int, *lever: str) -> Path:
-        return root / stage / task / f"adalora_r{b}" / Path(*lever) / f"lr{chosen[(task, 'adalora', str(b))]:g}_seed{seed}"
+        return group_dir(root, stage, task, "adalora", b) / Path(*lever) / run_name(chosen[(task, "adalora", str(b))], seed)
 
     default = {c: _cell(run("select", *c)) for c in cells}
     metrics = sorted({f"{t}: {load_row(run('select', t, b) / 'results.json')['metric']}" for t, b in cells

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments"), str(Path(__file__).resolve().parent)]
 
 from jobqueue import Job, run_queue
+from layout import group_dir, lr_prefix, run_name
 from levers import LEVERS, Levers
 
 from adarank.atomic import atomic_write_json
@@ -51,8 +52,7 @@ def make_job(root: Path, stage: str, task: str, method: str, budget: int, lr: fl
              lever: str | None = None, folder: str | None = None) -> Job:
     """One run. `lever` adds that lever's overrides; `folder` (the lever's name, or "default") is a sub-folder
     between the method and the run, used by the lever screen."""
-    name = "full" if method == "full" else f"{method}_r{budget}"
-    out = root / stage / task / name / (folder or "") / f"lr{lr:g}_seed{seed}"
+    out = group_dir(root, stage, task, method, budget) / (folder or "") / run_name(lr, seed)
     ov = [f"+experiment=glue_minilm_{task}", f"method={method}", f"method.r={budget}", f"train.lr={lr:g}",
           f"seed={seed}", *(LEVERS[lever] if lever else []), *extra]
     if method == "full":
@@ -88,10 +88,9 @@ def supersede(root: Path, task: str, method: str, budget: int, lr: float, log=pr
     """Move final runs of this group made at another learning rate (an earlier, narrower grid chose it) to
     <root>/superseded/ (a numbered suffix when that name is taken), saying so, so that the final folder holds
     only runs at the current choice."""
-    name = "full" if method == "full" else f"{method}_r{budget}"
-    keep = f"lr{lr:g}_"
-    for d in sorted((root / "final" / task / name).glob("lr*_seed*")):
-        if d.name.startswith(keep):
+    group = group_dir(root, "final", task, method, budget)
+    for d in sorted(group.glob("lr*_seed*")):
+        if d.name.startswith(lr_prefix(lr)):
             continue
         dest = root / "superseded" / d.relative_to(root)
         n = 1
@@ -99,7 +98,7 @@ def supersede(root: Path, task: str, method: str, budget: int, lr: float, log=pr
             dest, n = dest.with_name(f"{d.name}.{n}"), n + 1
         dest.parent.mkdir(parents=True, exist_ok=True)
         d.rename(dest)
-        log(f"sweep: {task}/{name} now uses lr {lr:g}; moved {d.relative_to(root)} to {dest.relative_to(root)}")
+        log(f"sweep: {task}/{group.name} now uses lr {lr:g}; moved {d.relative_to(root)} to {dest.relative_to(root)}")
 
 
 def main() -> None:
