@@ -105,14 +105,19 @@ def lookup(record: dict, key: str) -> Any:
     return node
 
 
+def _number(value: Any) -> float | None:
+    """`value` as a float when it is a finite int or float (not a bool), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def study_point(record: dict, metric: str) -> dict | None:
     """{series, method, r, alpha, ratio, scale, rslora, value, seed} of one results.json record (scale: α/r, or
     α/√r for rsLoRA); None without the metric, and None for full fine-tuning (see `reference`)."""
-    value = lookup(record, metric)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        return None
+    value = _number(lookup(record, metric))
     method = record.get("method")
-    if method == FULL:
+    if value is None or method == FULL:
         return None
     cfg = (record.get("config") or {}).get("method") or {}
     r, alpha = cfg.get("r"), cfg.get("alpha")
@@ -128,7 +133,7 @@ def study_point(record: dict, metric: str) -> dict | None:
         series = f"lora α/r={alpha / r:g}"
     return {"series": series, "method": method, "r": r, "alpha": alpha, "ratio": alpha / r,
             "scale": alpha / math.sqrt(r) if rslora else alpha / r,
-            "rslora": rslora, "value": float(value), "seed": record.get("seed")}
+            "rslora": rslora, "value": value, "seed": record.get("seed")}
 
 
 def reference(records: Iterable[dict], metric: str) -> list[tuple[float, float | None]]:
@@ -138,9 +143,9 @@ def reference(records: Iterable[dict], metric: str) -> list[tuple[float, float |
 
     out = []
     for r in records:
-        v = lookup(r, metric) if r.get("method") == FULL else None
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out.append((float(v), effective_lr(r.get("config"))))
+        v = _number(lookup(r, metric)) if r.get("method") == FULL else None
+        if v is not None:
+            out.append((v, effective_lr(r.get("config"))))
     return out
 
 
@@ -208,9 +213,11 @@ def analyse(points: Sequence[dict], higher_is_better: bool, tol: float = 0.01,
         elif points:
             ranks = [p["r"] for p in points if p["series"] != ADALORA]
             alpha_rank = max(set(ranks), key=ranks.count) if ranks else None
-        swept = sorted({p["r"] for p in points if p["series"] != ADALORA and not p["rslora"]
-                        and len({q["ratio"] for q in points if q["r"] == p["r"] and not q["rslora"]
-                                 and q["series"] != ADALORA}) >= 2})
+        lora_ratios: dict[int, set[float]] = defaultdict(set)  # rank -> the α/r values LoRA ran at
+        for p in points:
+            if p["series"] != ADALORA and not p["rslora"]:
+                lora_ratios[p["r"]].add(p["ratio"])
+        swept = sorted(r for r, ratios in lora_ratios.items() if len(ratios) >= 2)  # ranks with an α sweep
         if alpha_rank is not None and swept and alpha_rank not in swept:
             below = [r for r in swept if r <= alpha_rank]
             fallback = below[-1] if below else swept[0]
@@ -227,7 +234,6 @@ def analyse(points: Sequence[dict], higher_is_better: bool, tol: float = 0.01,
             best[kind] = best_alpha_ratio(at, higher_is_better)
     return {"plateau_rank": plateaus, "plateau_reached": reached, "alpha_rank": alpha_rank,
             "alpha_rank_note": note, "best_alpha_ratio": best}
-
 
 
 def _mean_std_n(values: Sequence[float]) -> str:
