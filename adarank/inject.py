@@ -80,10 +80,12 @@ def inject(
     rslora: bool = False,
     train_modules: Sequence[str] = (),
     dtype: torch.dtype = torch.float32,
+    fused: bool = False,
 ) -> "ParamReport":
     """Wrap the target layers with `kind` ("lora" or "svd") adapters in place and freeze the rest.
 
-    `train_modules` are suffixes of modules trained in full (e.g. the classifier head).
+    `train_modules` are suffixes of modules trained in full (e.g. the classifier head). `fused` computes
+    each adapted layer in one autograd function (adarank/fused.py).
     Returns the trainable-parameter report.
     """
     cls = {"lora": LoraLinear, "svd": SVDLinear}.get(kind)
@@ -94,7 +96,7 @@ def inject(
         p.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        _set_submodule(model, name, cls(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dtype=dtype))
+        _set_submodule(model, name, cls(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dtype=dtype, fused=fused))
     unfreeze(model, train_modules)
     return param_report(model)
 

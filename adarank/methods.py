@@ -17,7 +17,7 @@ from .config import MethodConfig, ModelConfig
 from .inject import ParamReport, find_targets, inject, param_report, svd_adapters
 from .layers import base_dims
 from .models import DTYPES
-from .orth import orth_grad_
+from .orth import OrthGrad
 from .schedule import Budget, Schedule, make_schedule, resolve_budget
 
 __all__ = ["Adapted", "apply_method", "build_allocator", "method_budget", "method_targets", "PeftAllocator", "peft_task_type"]
@@ -53,13 +53,14 @@ def apply_method(model: nn.Module, m: MethodConfig, mc: ModelConfig) -> Adapted:
         # the targets still matter: their ΔW is saved for the spectrum analysis
         return Adapted(model, param_report(model), "full", targets=names)
     if m.name in ("lora", "rslora"):
-        rep = inject(model, "lora", m.r, m.alpha, targets, m.target_regex, m.dropout, m.rslora or m.name == "rslora", train_modules, dtype)
+        rep = inject(model, "lora", m.r, m.alpha, targets, m.target_regex, m.dropout, m.rslora or m.name == "rslora", train_modules, dtype,
+                     m.fused)
         return Adapted(model, rep, m.name, targets=names)
     budget = method_budget(model, m, names)
     if m.name == "adalora":
-        rep = inject(model, "svd", budget.init_rank, m.alpha, targets, m.target_regex, m.dropout, m.rslora, train_modules, dtype)
+        rep = inject(model, "svd", budget.init_rank, m.alpha, targets, m.target_regex, m.dropout, m.rslora, train_modules, dtype, m.fused)
         layers = [layer for _, layer in svd_adapters(model)]
-        reg = (lambda: orth_grad_(layers, m.orth_weight, m.orth_form)) if m.orth_weight > 0 else None
+        reg = OrthGrad(layers, m.orth_weight, m.orth_form) if m.orth_weight > 0 else None
         return Adapted(model, rep, "adalora", budget.target_total, budget.init_rank, reg, names)
     return _apply_peft(model, m, names, train_modules, budget.init_rank, budget.target_total)
 

@@ -140,14 +140,14 @@ def preflight(cfg: Config) -> int:
     from .methods import method_budget, method_targets
     from .models import resolve_path, tokenizer_source
     from .schedule import make_schedule
-    from .train import pick_device, total_steps
+    from .train import check_cuda_graph, pick_device, total_steps
 
     get_task(cfg.task.name)
-    pick_device(cfg.train.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each rank sees 1/world of the data
+    check_cuda_graph(cfg.train.cuda_graph, pick_device(cfg.train.device), world)
     if cfg.data.dir is not None and not os.path.isdir(os.path.expanduser(cfg.data.dir)):
         raise FileNotFoundError(f"data.dir: {cfg.data.dir} is not a directory")
     data = _load_task_cached(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each rank sees 1/world of the data
     n_batches = math.ceil(math.ceil(len(data.splits["train"]) / world) / cfg.train.batch_size)
     # a causal task packs tokens into blocks, so its T is only known after tokenising: unless
     # train.max_steps fixes it, its schedule is checked when training starts

@@ -26,10 +26,11 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
+from . import graphs as graphs_
+from .allocator import RankAllocator
 from .atomic import atomic_write_json
 from .config import Config
 from .data import Batches, compute_metrics, encode, load_task
-from .allocator import RankAllocator
 from .methods import Adapted, apply_method, build_allocator
 from .models import load_causal_lm, load_model, load_tokenizer
 from .monitor import NormWatch, adapter_norms, base_norms
@@ -53,6 +54,13 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device: {name} requested but no CUDA device is available")
     return torch.device(name)
+
+
+def check_cuda_graph(enabled: bool, device: torch.device, world_size: int) -> None:
+    """train.cuda_graph replays one process's step on one GPU."""
+    if enabled and (device.type != "cuda" or world_size > 1):
+        raise ValueError(f"train.cuda_graph: needs one CUDA device and one process, got {device.type} "
+                         f"with {world_size} process{'es' if world_size > 1 else ''}")
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -143,6 +151,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         device = torch.device("cuda", dist.local_rank)
     if not dist.is_main:
         log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
+    check_cuda_graph(tc.cuda_graph, device, dist.world_size)
     amp = amp_dtype(tc.precision, device)
     state = ckpt.load(out_dir) if cfg.resume else None
     if cfg.resume and os.path.exists(os.path.join(out_dir, "results.json")) and state is None:
@@ -204,7 +213,8 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
 
     params = [p for p in model.parameters() if p.requires_grad]
     lr = m.lr if m.lr is not None else tc.lr
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    # capturable: the step counter and learning rate live on the device, so a CUDA graph can replay the step
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay, fused=device.type == "cuda", capturable=tc.cuda_graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(round(tc.warmup_frac * T), T))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     if state is not None:
@@ -229,6 +239,28 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
 
     fwd = wrap()
     ddp = fwd if dist.enabled and not tc.compile else getattr(fwd, "_orig_mod", fwd)
+
+    def apply_update() -> torch.Tensor | None:
+        """Everything between the last backward and the allocator; returns R when there is a regulariser."""
+        scaler.unscale_(opt)  # the allocator and clipping see true gradients
+        # the orthogonal regulariser: its gradient added explicitly, once per optimizer step (the same as
+        # adding it to every micro-batch's loss / grad_accum), before clipping
+        r = adapted.orth_grad() if adapted.orth_grad is not None else None
+        if tc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        scaler.step(opt)
+        return r
+
+    graphs, lr_tensors = None, []
+    if tc.cuda_graph:
+        lr_tensors = graphs_.bind_lr(opt)
+
+        def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            # no autocast cast cache: cached casts would outlive the capture that made them
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None, cache_enabled=False):
+                return fwd(**batch).loss
+
+        graphs = graphs_.GraphedStep(loss_of, apply_update, params, tc.grad_accum, tc.cuda_graph_shapes)
 
     tracker = Tracker(
         mode=cfg.wandb.mode, project=cfg.wandb.project, group=cfg.experiment_name, job_type=m.name,
@@ -317,10 +349,13 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                 last_micro = (micro + 1) % tc.grad_accum == 0 or batch_in_epoch + 1 >= len(train_batches)
                 # DDP all-reduces gradients only on the last micro-batch of an optimizer step
                 sync = ddp.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        loss = fwd(**batch).loss
-                    scaler.scale(loss / tc.grad_accum).backward()
+                if graphs is not None:
+                    loss = graphs.micro(batch)
+                else:
+                    with sync:
+                        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                            loss = fwd(**batch).loss
+                        scaler.scale(loss / tc.grad_accum).backward()
                 loss_sum += loss.detach().float()
                 loss_n += 1
                 batch_in_epoch += 1
@@ -328,19 +363,16 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                 if micro % tc.grad_accum and batch_in_epoch < len(train_batches):
                     continue
                 # ---- one optimizer step ----
-                scaler.unscale_(opt)  # the allocator and clipping see true gradients
-                if adapted.orth_grad is not None:
-                    # the orthogonal regulariser: its gradient added explicitly, once per optimizer step
-                    # (the same as adding it to every micro-batch's loss / grad_accum), before clipping
-                    orth_sum += adapted.orth_grad().to(device)
-                    orth_n += 1
-                if tc.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
                 scale_before = scaler.get_scale() if scaler.is_enabled() else None
-                scaler.step(opt)
+                r = graphs.update() if graphs is not None else apply_update()
+                if r is not None:
+                    orth_sum += r.to(device)
+                    orth_n += 1
                 scaler.update()
                 skipped = scale_before is not None and scaler.get_scale() < scale_before
                 sched.step()
+                if graphs is not None:
+                    graphs_.sync_lr(opt, lr_tensors)
                 step += 1
                 if allocator is not None:
                     # the gradients are DDP's averages here, so every rank computes the same masks
@@ -351,10 +383,15 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                     if alloc_res.phase == "final" and m.shrink and m.name == "adalora" and not allocator.shrunk:
                         allocator.shrink(opt)
                         params = [p for p in model.parameters() if p.requires_grad]
+                        if graphs is not None:
+                            graphs.reset(params)  # new parameters: new gradient buffers, new graphs
                         if dist.enabled or tc.compile:
                             fwd = wrap()  # DDP's gradient buckets were built for the old shapes
                             ddp = fwd if dist.enabled and not tc.compile else getattr(fwd, "_orig_mod", fwd)
-                opt.zero_grad(set_to_none=True)
+                if graphs is not None:
+                    graphs.zero_grads()
+                else:
+                    opt.zero_grad(set_to_none=True)
                 if step == start_step + 1 and step < T:
                     # the first step carries one-off set-up (cuBLAS handles, the caching allocator): not timed
                     if device.type == "cuda":
@@ -366,7 +403,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                     mean_loss = dist_.mean_over_ranks(dist, loss_sum / max(loss_n, 1)).item()
                     if not math.isfinite(mean_loss):
                         raise diverged(f"loss is {mean_loss}")
-                    scalars: dict[str, float] = {"train/loss": mean_loss, "train/lr": sched.get_last_lr()[0], "train/epoch": epoch}
+                    scalars: dict[str, float] = {"train/loss": mean_loss, "train/lr": float(sched.get_last_lr()[0]), "train/epoch": epoch}
                     if orth_n:
                         scalars["train/orth"] = (orth_sum / orth_n).item()  # R, before its weight
                         orth_sum.zero_()

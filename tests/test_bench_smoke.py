@@ -66,3 +66,39 @@ def test_smoke_compiled_shrunk_adapters_and_resume(tmp_path, backend):
     assert list(v) == ["lora", "adalora_final+compile"]
     assert v["adalora_final+compile"] == r  # carried over, not measured again
     assert second["workloads"]["W2"]["ratios"]["adalora_final+compile/lora+compile"] is None
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_variant_names_and_run_order():
+    bench = _bench_module()
+    assert bench.split_variant("lora") == ("lora", False, "eager")
+    assert bench.split_variant("adalora+fused+graph") == ("adalora", True, "graph")
+    assert bench.split_variant("floor+compile") == ("floor", False, "compile")
+    for bad in ("lora+graph+fused", "floor+fused", "peft_lora+graph", "lora+graph+compile", "nope"):
+        with pytest.raises(ValueError, match="--variants"):
+            bench.split_variant(bad)
+    args = bench.parse_args(["--out", "x", "--workloads", "W1,W2", "--variants", "floor,lora,adalora", "--fused", "--graph"])
+    order = [v for w, v in bench.jobs(args) if w == "W2"]
+    assert order == ["floor", "lora", "adalora", "lora+fused", "adalora+fused",
+                     "floor+graph", "lora+graph", "adalora+graph", "lora+fused+graph", "adalora+fused+graph"]
+    assert [w for w, _ in bench.jobs(args)][:3] == ["W1", "W1", "W1"]  # eager variants of every workload first
+    names = bench.all_variant_names()
+    assert len(names) == len(set(names)) and set(order) <= set(names)
+
+
+def test_smoke_fused_variants(tmp_path):
+    res, _ = run_bench(tmp_path / "bench.json", "--workloads", "W2", "--variants", "floor,lora,adalora", "--fused")
+    w = res["workloads"]["W2"]
+    assert list(w["variants"]) == ["floor", "lora", "adalora", "lora+fused", "adalora+fused"]
+    assert all(isinstance(w["ratios"][k], float) for k in ("lora+fused/lora", "adalora+fused/lora+fused", "lora+fused/floor"))
+    # the fused adapters train the same parameters
+    assert w["variants"]["lora+fused"]["trainable_params"] == w["variants"]["lora"]["trainable_params"]

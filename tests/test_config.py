@@ -56,6 +56,9 @@ BAD_FIELDS = [
     (C.TrainConfig, {"log_every": 0}, "train.log_every"),
     (C.TrainConfig, {"eval_batch_size": 0}, "train.eval_batch_size"),
     (C.TrainConfig, {"device": "tpu"}, "train.device"),
+    (C.TrainConfig, {"cuda_graph": True, "compile": True}, "train.cuda_graph"),
+    (C.TrainConfig, {"cuda_graph": True, "precision": "fp16"}, "train.cuda_graph"),
+    (C.TrainConfig, {"cuda_graph_shapes": 0}, "train.cuda_graph_shapes"),
     (C.WandbConfig, {"mode": "maybe"}, "wandb.mode"),
 ]
 

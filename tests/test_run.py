@@ -34,6 +34,9 @@ BAD_CONFIGS = [
     (["train.warmup_frac=1"], ["train.warmup_frac", "[0, 1)"]),
     (["train.precision=fp8"], ["train.precision", "'fp8'"]),
     (["train.device=tpu"], ["train.device", "'tpu'"]),
+    (["train.cuda_graph=true", "train.compile=true"], ["train.cuda_graph", "not both"]),
+    (["train.cuda_graph=true", "train.precision=fp16"], ["train.cuda_graph", "fp16"]),
+    (["train.cuda_graph_shapes=0"], ["train.cuda_graph_shapes", ">= 1"]),
     (["model.dtype=int8"], ["model.dtype", "'int8'"]),
     (["wandb.mode=maybe"], ["wandb.mode", "'maybe'"]),
     (["task.max_length=4"], ["task.max_length", "[8, 8192]"]),
@@ -72,6 +75,7 @@ BAD_CONFIGS = [
 ]
 if not torch.cuda.is_available():
     BAD_CONFIGS.append((["train.device=cuda"], ["train.device", "no CUDA device"]))
+    BAD_CONFIGS.append((["train.cuda_graph=true"], ["train.cuda_graph", "needs one CUDA device", "got cpu"]))
 
 
 @pytest.fixture

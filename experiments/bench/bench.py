@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 import adarank
-from adarank.orth import orth_grad_
+from adarank.orth import OrthGrad
 from adarank.atomic import atomic_write_json, atomic_write_text
+from adarank.graphs import GraphedStep, bind_lr
 from adarank.layers import base_dims
 
 # ---- fixed hyper-parameters (the speed of a step does not depend on their values) ----------------
@@ -46,9 +47,38 @@ BUDGET_STEPS = 10_000
 
 VARIANTS = ("floor", "peft_lora", "peft_adalora", "lora", "rslora", "adalora", "adalora_final")
 COMPILABLE = ("floor", "lora", "rslora", "adalora", "adalora_final")  # ours (and the floor); the allocator stays eager
+#: the modes a variant name can end in: "+compile" (torch.compile of the blocks) and "+graph" (CUDA-graph
+#: replay of the step, adarank.graphs.GraphedStep, as train.cuda_graph runs it); both for COMPILABLE only
+MODES = ("compile", "graph")
+#: "+fused" before the mode: adapters built with method.fused (adarank/fused.py)
+FUSABLE = ("lora", "rslora", "adalora", "adalora_final")
 #: what --compile adds. rslora+compile differs from lora+compile only in a constant, so it would cost a
 #: full compilation to learn nothing; ask for it by name.
 COMPILE_DEFAULT = ("floor", "lora", "adalora", "adalora_final")
+GRAPH_DEFAULT = COMPILE_DEFAULT  # what --graph adds
+FUSED_DEFAULT = ("lora", "adalora", "adalora_final")  # what --fused adds (also with +graph under --graph)
+
+
+def split_variant(name: str) -> tuple[str, bool, str]:
+    """"lora+fused+graph" -> ("lora", True, "graph"); a plain name is unfused with mode "eager"."""
+    base, *mods = name.split("+")
+    fused = mods[:1] == ["fused"]
+    rest = mods[1:] if fused else mods
+    if len(rest) > 1 or (rest and rest[0] not in MODES) or base not in VARIANTS \
+            or (fused and base not in FUSABLE) or (rest and base not in COMPILABLE):
+        raise ValueError(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}, with +fused "
+                         f"for {', '.join(FUSABLE)}, then +compile or +graph for {', '.join(COMPILABLE)}")
+    return base, fused, rest[0] if rest else "eager"
+
+
+def all_variant_names() -> list[str]:
+    """Every valid variant name, in the order tables list them."""
+    out = []
+    for mode in ("", "+graph", "+compile"):
+        for fused in ("", "+fused"):
+            out += [f"{v}{fused}{mode}" for v in VARIANTS
+                    if (not fused or v in FUSABLE) and (not mode or v in COMPILABLE)]
+    return out
 
 
 # ---- workloads ----------------------------------------------------------------------------------
@@ -152,12 +182,15 @@ class Rig:
     penalty: Callable[[], torch.Tensor] | None = None  # added to the loss by the loop
     grad_hook: Callable[[], Any] | None = None  # after backward, before the optimizer (our orth gradient)
     allocator: adarank.RankAllocator | None = None
+    graphs: GraphedStep | None = None  # "+graph": the step replays as CUDA graphs
     info: dict = field(default_factory=dict)
 
 
-def build_rig(variant: str, model: nn.Module, wl: Workload, device: torch.device) -> Rig:
-    """Apply `variant` (without "+compile") to `model`. Only adapter parameters train; heads stay frozen
-    so that every variant does the same work outside the adapters."""
+def build_rig(variant: str, model: nn.Module, wl: Workload, device: torch.device, capturable: bool = False,
+              fused: bool = False) -> Rig:
+    """Apply `variant` (the base name) to `model`. Only adapter parameters train; heads stay frozen
+    so that every variant does the same work outside the adapters. `capturable`: an optimizer a CUDA
+    graph can replay (as train.cuda_graph builds it). `fused`: adapters with method.fused."""
     targets = list(wl.targets)
     if variant == "floor":
         for p in model.parameters():
@@ -184,11 +217,11 @@ def build_rig(variant: str, model: nn.Module, wl: Workload, device: torch.device
             rig.allocate = lambda: model.base_model.update_and_allocate(next(steps))
         rig.model = rig.fwd = model
     elif variant in ("lora", "rslora"):
-        adarank.inject(model, "lora", r=R, alpha=ALPHA, targets=targets, rslora=variant == "rslora")
+        adarank.inject(model, "lora", r=R, alpha=ALPHA, targets=targets, rslora=variant == "rslora", fused=fused)
     elif variant in ("adalora", "adalora_final"):
         shapes = [base_dims(model.get_submodule(n)) for n in adarank.find_targets(model, targets)]
         budget = adarank.resolve_budget(shapes, target_rank=R, init_rank=INIT_R)
-        adarank.inject(model, "svd", r=budget.init_rank, alpha=ALPHA, targets=targets)
+        adarank.inject(model, "svd", r=budget.init_rank, alpha=ALPHA, targets=targets, fused=fused)
         named = adarank.svd_adapters(model)
         # adalora: every timed step masks. adalora_final: 3 budgeting steps, the final mask at step 4,
         # then shrink (done by `settle`), so the timed steps run the shrunk adapters.
@@ -198,12 +231,14 @@ def build_rig(variant: str, model: nn.Module, wl: Workload, device: torch.device
         rig.allocate = rig.allocator.step
         layers = [m for _, m in named]  # the same modules after a shrink (only their parameters change)
         # as adarank/train.py does: the regulariser's gradient in closed form, added after backward
-        rig.grad_hook = lambda: orth_grad_(layers, ORTH_WEIGHT)
+        rig.grad_hook = OrthGrad(layers, ORTH_WEIGHT)
     else:
         raise ValueError(f"--variants: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
     params = [p for p in rig.model.parameters() if p.requires_grad]
-    rig.opt = torch.optim.AdamW(params, lr=LR, fused=device.type == "cuda")
+    rig.opt = torch.optim.AdamW(params, lr=LR, fused=device.type == "cuda", capturable=capturable)
+    if capturable:
+        bind_lr(rig.opt)
     rig.info["trainable_params"] = sum(p.numel() for p in params)
     return rig
 
@@ -229,9 +264,35 @@ def compile_model(rig: Rig, scope: str, backend: str) -> None:
         block.compile(backend=backend)
 
 
+def graph_rig(rig: Rig, amp: str) -> None:
+    """"+graph": replay the step as CUDA graphs, as adarank/train.py does with train.cuda_graph."""
+
+    def loss_of(batch: dict) -> torch.Tensor:
+        with torch.autocast(amp, dtype=torch.bfloat16, cache_enabled=False):
+            return rig.fwd(**batch).loss
+
+    def update() -> torch.Tensor | None:
+        r = rig.grad_hook() if rig.grad_hook is not None else None
+        if rig.opt is not None:
+            rig.opt.step()
+        return r
+
+    params = [p for g in rig.opt.param_groups for p in g["params"]] if rig.opt is not None else []
+    rig.graphs = GraphedStep(loss_of, update, params)
+
+
 # ---- one step, and timing -----------------------------------------------------------------------
 def train_step(rig: Rig, batch: dict, amp: str) -> None:
     """forward + loss (+ orth penalty) + backward + optimizer + allocator, as in adarank/train.py."""
+    if rig.graphs is not None:
+        rig.graphs.micro(batch)
+        if rig.opt is None:
+            return
+        rig.graphs.update()
+        if rig.allocate is not None:
+            rig.allocate()
+        rig.graphs.zero_grads()
+        return
     with torch.autocast(amp, dtype=torch.bfloat16):
         loss = rig.fwd(**batch).loss
         if rig.penalty is not None:
@@ -331,17 +392,19 @@ def run_variant(wl: Workload, variant: str, shape: tuple[int, int], args: argpar
                 facts: dict) -> dict:
     """Build, warm up, time and measure one (workload, variant) at batch `shape`; the result entry of
     the JSON. Facts about the base model go into `facts`."""
-    base, compiled = variant.removesuffix("+compile"), variant.endswith("+compile")
+    base, fused, mode = split_variant(variant)
     model = build_model(wl, args.smoke, device)
     facts.setdefault("base_params", sum(p.numel() for p in model.parameters()))
     batch = make_batch(wl, model.config.vocab_size, shape, device)
-    rig = build_rig(base, model, wl, device)
+    rig = build_rig(base, model, wl, device, capturable=mode == "graph", fused=fused)
     del model
     amp = device.type
     if base == "adalora_final":
-        settle(rig, batch, amp)  # eager, before compiling: a shrink swaps parameters
-    if compiled:
+        settle(rig, batch, amp)  # eager, before compiling or capturing: a shrink swaps parameters
+    if mode == "compile":
         compile_model(rig, args.compile_scope, args.compile_backend)
+    elif mode == "graph":
+        graph_rig(rig, amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -350,8 +413,10 @@ def run_variant(wl: Workload, variant: str, shape: tuple[int, int], args: argpar
     train_step(rig, batch, amp)  # includes compilation for the +compile variants
     sync(device)
     first_step_s = time.perf_counter() - t0
-    for _ in range(args.warmup - 1):
+    for _ in range(max(args.warmup - 1, 2 if mode == "graph" else 0)):  # +graph: eager, then capture
         train_step(rig, batch, amp)
+    if rig.graphs is not None and rig.graphs.capture_error is not None:
+        raise RuntimeError(f"+graph: the forward cannot be captured: {rig.graphs.capture_error}")
     ms = time_steps(rig, batch, device, args.steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -359,10 +424,12 @@ def run_variant(wl: Workload, variant: str, shape: tuple[int, int], args: argpar
         "median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)), "p90_ms": float(np.percentile(ms, 90)),
         "peak_gib": peak, "steps": len(ms), "first_step_s": round(first_step_s, 3), **rig.info,
     }
-    if base in ("adalora", "peft_adalora") and not compiled and args.alloc_steps > 0:
+    if rig.graphs is not None:
+        res["graph_captures"] = rig.graphs.captures
+    if base in ("adalora", "peft_adalora") and mode == "eager" and args.alloc_steps > 0:
         res.update(time_allocator(rig, batch, device, args.alloc_steps))
     if args.profile:
-        path = os.path.join(args.profile, f"{wl.name}_{variant}.txt")
+        path = os.path.join(args.profile, f"{wl.name}_{variant.replace('+', '_')}.txt")  # "+": not a portable file name
         res["profile"] = profile_steps(rig, batch, device, args.profile_steps, path, f"{wl.name} {variant}")
     return res
 
@@ -392,6 +459,24 @@ RATIOS = {
     "adalora+compile/floor+compile": ("adalora+compile", "floor+compile", "median_ms"),
     "adalora+compile/lora+compile": ("adalora+compile", "lora+compile", "median_ms"),
     "adalora_final+compile/lora+compile": ("adalora_final+compile", "lora+compile", "median_ms"),
+    "lora+graph/lora": ("lora+graph", "lora", "median_ms"),
+    "lora+graph/floor+graph": ("lora+graph", "floor+graph", "median_ms"),
+    "adalora+graph/lora+graph": ("adalora+graph", "lora+graph", "median_ms"),
+    "adalora+graph/floor+graph": ("adalora+graph", "floor+graph", "median_ms"),
+    "adalora+graph_mem/lora+graph_mem": ("adalora+graph", "lora+graph", "peak_gib"),
+    "adalora_final+graph/lora+graph": ("adalora_final+graph", "lora+graph", "median_ms"),
+    # method.fused: the targets again, for the fused adapters (eager and graphed)
+    "lora+fused/lora": ("lora+fused", "lora", "median_ms"),
+    "adalora+fused/lora+fused": ("adalora+fused", "lora+fused", "median_ms"),
+    "lora+fused/floor": ("lora+fused", "floor", "median_ms"),
+    "adalora+fused/floor": ("adalora+fused", "floor", "median_ms"),
+    "adalora+fused_mem/lora+fused_mem": ("adalora+fused", "lora+fused", "peak_gib"),
+    "adalora_final+fused/lora+fused": ("adalora_final+fused", "lora+fused", "median_ms"),
+    "lora+fused+graph/floor+graph": ("lora+fused+graph", "floor+graph", "median_ms"),
+    "adalora+fused+graph/lora+fused+graph": ("adalora+fused+graph", "lora+fused+graph", "median_ms"),
+    "adalora+fused+graph/floor+graph": ("adalora+fused+graph", "floor+graph", "median_ms"),
+    "adalora+fused+graph_mem/lora+fused+graph_mem": ("adalora+fused+graph", "lora+fused+graph", "peak_gib"),
+    "adalora_final+fused+graph/lora+fused+graph": ("adalora_final+fused+graph", "lora+fused+graph", "median_ms"),
 }
 
 
@@ -445,7 +530,7 @@ def markdown(result: dict) -> str:
                 note.append(f"alloc+orth {r['alloc_ms']:.1f} ms" if r.get("orth_ms") is not None else f"alloc {r['alloc_ms']:.1f} ms")
             if "ranks_after_shrink" in r:
                 note.append(f"ranks after shrink {r['ranks_after_shrink']}")
-            if vn.endswith("+compile"):
+            if vn.endswith(("+compile", "+graph")):
                 note.append(f"first step {r['first_step_s']:.0f} s")
             lines.append(
                 f"| {vn} | {m:.1f} | {r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {_fmt(r['peak_gib'], '.2f')} | "
@@ -477,12 +562,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="JSON file to write (atomically, after every variant)")
     p.add_argument("--workloads", default="W1,W2,W3", help=f"comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)}; NAME+compile selects one compiled variant")
+                   help=f"comma-separated subset of {','.join(VARIANTS)}; NAME+compile or NAME+graph selects one "
+                        "compiled or CUDA-graph variant")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 30; smoke 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; smoke 1)")
     p.add_argument("--alloc-steps", type=int, default=None,
                    help="steps of the extra pass timing the allocator and orth penalty alone (default 15; smoke 2; 0: off)")
     p.add_argument("--compile", action="store_true", help=f"also run {','.join(COMPILE_DEFAULT)} under torch.compile")
+    p.add_argument("--graph", action="store_true", help=f"also run {','.join(GRAPH_DEFAULT)} as CUDA graphs (+graph)")
+    p.add_argument("--fused", action="store_true",
+                   help=f"also run {','.join(FUSED_DEFAULT)} with fused adapters (+fused; with --graph also +fused+graph)")
     p.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks",
                    help="blocks: compile each transformer block (fast to compile; default); model: the whole model")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: trace only, for tests)")
@@ -514,15 +603,24 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
         if w not in WORKLOADS:
             raise SystemExit(f"--workloads: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
     for v in vs:
-        base = v.removesuffix("+compile")
-        if base not in VARIANTS or (v.endswith("+compile") and base not in COMPILABLE):
-            raise SystemExit(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)} "
-                             f"(+compile for {', '.join(COMPILABLE)})")
-    eager = [v for v in vs if not v.endswith("+compile")]
-    comp = [v for v in vs if v.endswith("+compile")]
+        try:
+            split_variant(v)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    plain = [v for v in vs if "+" not in v]
+    if args.fused:
+        vs += [v + "+fused" for v in plain if v in FUSED_DEFAULT]
+    if args.graph:
+        vs += [v + "+graph" for v in plain if v in GRAPH_DEFAULT]
+        if args.fused:
+            vs += [v + "+fused+graph" for v in plain if v in FUSED_DEFAULT]
     if args.compile:
-        comp += [v + "+compile" for v in eager if v in COMPILE_DEFAULT and v + "+compile" not in comp]
-    return [(w, v) for w in wls for v in eager] + [(w, v) for w in wls for v in comp]
+        vs += [v + "+compile" for v in plain if v in COMPILE_DEFAULT]
+    vs = list(dict.fromkeys(vs))
+    # eager first, then graphs (no compilation time), then compile (it changes dynamo's global state), so a
+    # run cut short by the time budget still has the main numbers
+    by_mode = {m: [v for v in vs if split_variant(v)[2] == m] for m in ("eager", "graph", "compile")}
+    return [(w, v) for m in by_mode.values() for w in wls for v in m]
 
 
 def workload_entry(wl: Workload, args: argparse.Namespace) -> dict:
@@ -621,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"peak {_fmt(res['peak_gib'], '.2f')} GiB" if "median_ms" in res else res.get("error") or res.get("skipped"))
         print(f"[{time.perf_counter() - t_start:6.1f} s] {w} {variant}: {brief}", file=sys.stderr, flush=True)
 
-    order = {v: i for i, v in enumerate(VARIANTS + tuple(v + "+compile" for v in COMPILABLE))}
+    order = {v: i for i, v in enumerate(all_variant_names())}
     for entry in result["workloads"].values():  # tables and JSON list variants in the canonical order
         entry["variants"] = dict(sorted(entry["variants"].items(), key=lambda kv: order[kv[0]]))
         summarize(entry)

@@ -163,3 +163,43 @@ def test_budget_reported_for_a_total_rank_target(tmp_path):
                           "method.init_rank=4", "train.max_steps=10"), tmp_path / "out")
     assert res["budget"] == 3 and sum(res["final_ranks"].values()) == 3 * N_MODULES
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()  # the trained adapter is saved
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method,extra", [("lora", []), ("adalora", []), ("adalora", ["method.fused=true"]),
+                                          ("peft_adalora", [])])
+def test_cuda_graph_training_runs_the_same_schedule_as_eager(tmp_path, method, extra):
+    """train.cuda_graph=true through the runner: the same steps, budget and ranks as the eager loop, and a
+    loss curve that follows it (the capturable optimizer and graph-replayed dropout differ in the last bits,
+    so the comparison is not bitwise; tests/test_graphs.py compares a replay with the eager step exactly)."""
+    # GLUE fixture files: the GPU machine has no tweets package
+    common = [f"method={method}", "train.device=cuda", "train.log_every=1", "task=sst2", f"data.dir={GLUE_FIXTURES}",
+              "data.val_fraction=0.5", *extra]
+    eager = run(tiny_config(tmp_path, *common), tmp_path / "eager")
+    graph = run(tiny_config(tmp_path, *common, "train.cuda_graph=true"), tmp_path / "graph")
+    assert graph["steps"] == eager["steps"] == T
+    assert graph["budget_curve"] == eager["budget_curve"]
+    if method == "adalora":
+        assert sum(graph["final_ranks"].values()) == sum(eager["final_ranks"].values())
+    a = [e["train/loss"] for e in eager["train_log"]]
+    b = [e["train/loss"] for e in graph["train_log"]]
+    assert len(a) == len(b) == T
+    assert all(math.isfinite(x) for x in b)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05 * max(abs(x) for x in a)
+    assert graph["config"]["train"]["cuda_graph"] is True
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_fused_adapters_train_like_the_unfused_ones(tmp_path, method):
+    """method.fused through the runner (CPU, fp32): the same schedule and ranks, and a loss curve equal to
+    fp32 rounding."""
+    plain = run(tiny_config(tmp_path, f"method={method}", "train.log_every=1"), tmp_path / "plain")
+    fused = run(tiny_config(tmp_path, f"method={method}", "train.log_every=1", "method.fused=true"), tmp_path / "fused")
+    assert fused["config"]["method"]["fused"] is True and plain["config"]["method"]["fused"] is False
+    assert fused["budget_curve"] == plain["budget_curve"]
+    a = [e["train/loss"] for e in plain["train_log"]]
+    b = [e["train/loss"] for e in fused["train_log"]]
+    assert len(a) == len(b) == T
+    assert b == pytest.approx(a, rel=1e-4)
+    if method == "adalora":
+        assert sum(fused["final_ranks"].values()) == sum(plain["final_ranks"].values())

@@ -1,0 +1,176 @@
+"""The fused adapted layer (adarank/fused.py, method.fused) against the unfused layers it replaces.
+
+Both paths compute the same function; the fused one rounds its sums once instead of twice, so the
+comparisons are to fp32 rounding (fp32) or bf16 rounding (under autocast), never bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import BERT_TARGETS, make_batch, tiny_bert
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import adarank
+from adarank.fused import ALIGN, _pad_rank
+from adarank.layers import LoraLinear, SVDLinear
+
+
+def _pair(kind: str, base: nn.Module, r: int, dropout: float = 0.0):
+    cls = LoraLinear if kind == "lora" else SVDLinear
+    torch.manual_seed(0)
+    plain = cls(base, r=r, alpha=2.0 * r, dropout=dropout)
+    with torch.no_grad():  # non-zero B / λ, so the adapter contributes and every factor gets a gradient
+        for p in plain.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    fused = copy.deepcopy(plain)
+    fused.fused = True
+    return plain, fused
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, seed: int = 7):
+    torch.manual_seed(seed)  # the same dropout mask in both paths
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    named = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    return y.detach(), (x.grad.clone() if x.requires_grad else None), named
+
+
+BASES = {
+    "linear": lambda: nn.Linear(12, 20),
+    "linear_nobias": lambda: nn.Linear(12, 20, bias=False),
+    "conv1d": lambda: Conv1D(20, 12),  # GPT-2 style: weight stored (in, out)
+}
+
+
+@pytest.mark.parametrize("kind", ["lora", "svd"])
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("r", [3, 8, 12])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_equals_unfused_output_and_gradients_fp32(kind, base, r, dropout):
+    torch.manual_seed(1)
+    b = BASES[base]()
+    plain, fused = _pair(kind, b, r, dropout)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    y0, gx0, g0 = _grads(plain, x)
+    y1, gx1, g1 = _grads(fused, x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g0.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["lora", "svd"])
+def test_fused_input_without_grad(kind):
+    plain, fused = _pair(kind, nn.Linear(12, 20), 4)
+    x = torch.randn(6, 12)  # e.g. the first layer after a frozen embedding
+    y0, gx0, g0 = _grads(plain, x)
+    y1, gx1, g1 = _grads(fused, x)
+    assert gx0 is None and gx1 is None
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lora", "svd"])
+def test_fused_under_bf16_autocast_matches_to_bf16_rounding(kind):
+    plain, fused = _pair(kind, nn.Linear(64, 48), 12)
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    out = []
+    for layer in (plain, fused):
+        xi = x.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xi)
+        assert y.dtype == torch.bfloat16
+        y.float().square().mean().backward()
+        out.append((y.float(), xi.grad, {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
+    (y0, gx0, g0), (y1, gx1, g1) = out
+
+    def rel(a, b):  # relative error of the whole tensor: elementwise, bf16 cancellation can be large
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    assert rel(y1, y0) < 1e-2
+    assert rel(gx1, gx0) < 1e-2
+    for n in g0:
+        assert g1[n].dtype == g0[n].dtype == torch.float32  # gradients reach the fp32 parameters
+        assert rel(g1[n], g0[n]) < 1e-2, n
+
+
+def test_rank_is_padded_to_the_alignment_with_zeros():
+    a = torch.randn(12, 7)
+    p = _pad_rank(a, 0)
+    assert p.shape == (16, 7) and torch.equal(p[:12], a) and not p[12:].any()
+    b = torch.randn(5, 3)
+    q = _pad_rank(b, 1)
+    assert q.shape == (5, ALIGN) and torch.equal(q[:, :3], b) and not q[:, 3:].any()
+    aligned = torch.randn(16, 4)
+    assert _pad_rank(aligned, 0) is aligned
+
+
+def test_fused_merged_and_rank_zero_layers_are_the_base():
+    base = nn.Linear(12, 20)
+    _, fused = _pair("svd", base, 4)
+    x = torch.randn(2, 12)
+    with torch.no_grad():
+        want = fused.base(x) + x @ fused.delta_weight().T
+        fused.merge()
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
+        fused.unmerge()
+    fused.keep(torch.tensor([], dtype=torch.long))  # pruned to rank 0
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), fused.base(x))
+
+
+def test_fused_model_trains_like_the_unfused_one():
+    """A tiny BERT with SVD adapters: 5 AdamW steps with and without method.fused stay together."""
+    models = []
+    for fused in (False, True):
+        m = tiny_bert()
+        m.train()
+        adarank.inject(m, "svd", r=4, alpha=4.0, targets=BERT_TARGETS, fused=fused)
+        for _, layer in adarank.svd_adapters(m):
+            torch.manual_seed(3)
+            torch.nn.init.normal_(layer.lam, std=0.5)
+        models.append(m)
+    assert all(layer.fused for _, layer in adarank.svd_adapters(models[1]))
+    losses = []
+    for m in models:
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        curve = []
+        for step in range(5):
+            loss = m(**make_batch(seed=step)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            curve.append(loss.item())
+        losses.append(curve)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for (n, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_fused_is_refused_for_methods_without_our_adapters():
+    from adarank.config import MethodConfig
+
+    for name in ("full", "peft_lora", "peft_adalora"):
+        with pytest.raises(ValueError, match="method.fused"):
+            MethodConfig(name=name, fused=True, r=8)
+    MethodConfig(name="lora", fused=True)
+
+
+def test_a_trained_base_falls_back_to_the_unfused_path():
+    """The fused function gives the base no gradient: with an unfrozen base the layer must not use it."""
+    plain, fused = _pair("lora", nn.Linear(12, 20), 4)
+    for layer in (plain, fused):
+        layer.base.weight.requires_grad_(True)
+    x = torch.randn(5, 12)
+    _, _, g0 = _grads(plain, x)
+    _, _, g1 = _grads(fused, x)
+    assert "base.weight" in g1
+    torch.testing.assert_close(g1["base.weight"], g0["base.weight"])
