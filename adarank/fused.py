@@ -12,7 +12,8 @@ the input gradients) it saves work on token-sized tensors, which is what adapter
 
 The result equals the unfused path's up to rounding (the sums are rounded once instead of twice), so
 runs with and without it are not bit-identical. Under autocast it computes in the autocast dtype, as
-the unfused path does.
+the unfused path does; without autocast it computes in the input's dtype, so the layers use it only when
+that is the adapter's dtype (a bf16 base with fp32 adapters and no autocast takes the unfused path).
 """
 
 from __future__ import annotations

@@ -36,12 +36,18 @@ __all__ = ["GraphedStep", "bind_lr", "sync_lr"]
 
 def bind_lr(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Give every param group a device tensor as its learning rate (a captured optimizer step reads
-    the tensor's memory, a float would be baked into the graph); returns the tensors."""
+    the tensor's memory, a float would be baked into the graph); returns the tensors.
+
+    A tensor rate that is not on the parameters' device is replaced: a checkpoint loads it onto the CPU,
+    and fused AdamW reads a CPU rate as a scalar at capture time, which would freeze it in the graph."""
     out = []
     for g in opt.param_groups:
         dev = g["params"][0].device if g["params"] else torch.device("cpu")
         lr = g["lr"]
-        t = lr if torch.is_tensor(lr) else torch.tensor(float(lr), dtype=torch.float32, device=dev)
+        if torch.is_tensor(lr) and lr.device == dev and lr.dtype == torch.float32:
+            t = lr
+        else:
+            t = torch.tensor(float(lr), dtype=torch.float32, device=dev)
         g["lr"] = t
         out.append(t)
     return out
@@ -120,9 +126,15 @@ class GraphedStep:
             if key not in self._seen or len(self._micro) >= self.max_shapes or self.capture_error is not None:
                 self._seen.add(key)  # warm-up for this shape (or too many shapes, or not capturable): eager
                 return self._eager_micro(batch)
+            stream = torch.cuda.current_stream()
             try:
                 g = self._capture_micro(batch, key)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as e:  # nothing ran during the failed capture: run this batch eagerly
+                # a capture the GPU aborted raises in capture_end, before the capture's side stream is
+                # left: go back to the stream the step was using
+                torch.cuda.set_stream(stream)
                 self.capture_error = str(e).strip().splitlines()[-1]
                 warnings.warn(f"train.cuda_graph: the forward cannot be captured, micro-batches run eagerly: "
                               f"{self.capture_error}", stacklevel=2)

@@ -68,10 +68,14 @@ class _Adapter(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def _base_frozen(self) -> bool:
-        """The fused path returns no gradient for the base: it serves only while the base is frozen."""
+    def _fusable(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """The fused path returns no gradient for the base, so it serves only while the base is frozen;
+        and it computes in one dtype, so without autocast only when the input has the adapter's dtype
+        (the unfused path computes the adapter in its own dtype, e.g. fp32 next to a bf16 base)."""
         b = self.base.bias
-        return not self.base.weight.requires_grad and (b is None or not b.requires_grad)
+        if self.base.weight.requires_grad or (b is not None and b.requires_grad):
+            return False
+        return x.dtype == dtype or torch.is_autocast_enabled(x.device.type)
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -134,7 +138,7 @@ class LoraLinear(_Adapter):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and not self.merged and self._base_frozen():
+        if self.fused and not self.merged and self._fusable(x, self.lora_A.dtype):
             return adapted_linear(x, self.dropout(x), self.base.weight, self.base.bias, "lora", self.lora_A,
                                   self.lora_B, scale=self.scale, transposed=self.transposed)
         y = self.base(x)
@@ -189,7 +193,7 @@ class SVDLinear(_Adapter):
         return self.lam.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and not self.merged and self.r > 0 and self._base_frozen():
+        if self.fused and not self.merged and self.r > 0 and self._fusable(x, self.Q.dtype):
             return adapted_linear(x, self.dropout(x), self.base.weight, self.base.bias, "svd", self.Q, self.P,
                                   self.lam, self.scale, self.transposed)
         y = self.base(x)

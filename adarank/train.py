@@ -219,6 +219,8 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
+        for g in opt.param_groups:  # the checkpoint's flag is that of the run that saved it
+            g["capturable"] = g.get("capturable", False) or tc.cuda_graph
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]

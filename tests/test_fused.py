@@ -174,3 +174,23 @@ def test_a_trained_base_falls_back_to_the_unfused_path():
     _, _, g1 = _grads(fused, x)
     assert "base.weight" in g1
     torch.testing.assert_close(g1["base.weight"], g0["base.weight"])
+
+
+@pytest.mark.parametrize("kind", ["lora", "svd"])
+def test_without_autocast_a_half_precision_input_takes_the_unfused_path(kind, monkeypatch):
+    """bf16 base, fp32 adapters, no autocast: the unfused layer computes the adapter in fp32; the fused
+    function would compute it in bf16, so the layer must not use it (and gives the unfused result)."""
+    import adarank.layers as layers
+
+    plain, fused = _pair(kind, nn.Linear(12, 20).to(torch.bfloat16), 4)
+    calls = []
+    real = layers.adapted_linear
+    monkeypatch.setattr(layers, "adapted_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(3, 12, dtype=torch.bfloat16)
+    y0, _, g0 = _grads(plain, x)
+    y1, _, g1 = _grads(fused, x)
+    assert not calls
+    assert torch.equal(y0, y1) and all(torch.equal(g0[n], g1[n]) for n in g0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast both compute in bf16: fused
+        fused(x)
+    assert calls

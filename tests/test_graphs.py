@@ -195,3 +195,39 @@ def test_an_uncapturable_forward_falls_back_to_eager_with_a_warning():
         ref_opt.zero_grad()
     assert graphs.capture_error is not None and "pinned" in graphs.capture_error
     torch.testing.assert_close(lin.weight, ref.weight)
+
+
+def test_bind_lr_moves_a_checkpointed_rate_onto_the_parameters_device():
+    """A checkpoint loads the optimizer on the CPU map location: a tensor rate there, or of another dtype,
+    is replaced by a fresh float32 tensor next to the parameters (here both on the CPU, so the dtype)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    opt.param_groups[0]["lr"] = torch.tensor(0.05, dtype=torch.float64)
+    (t,) = bind_lr(opt)
+    assert t.dtype == torch.float32 and t.device == p.device and t.item() == pytest.approx(0.05)
+    assert bind_lr(opt)[0] is t  # already bound: kept
+
+
+@cuda
+def test_bind_lr_after_loading_a_graphed_checkpoint_puts_the_rate_on_the_gpu():
+    dev = torch.device("cuda")
+    p = torch.nn.Parameter(torch.zeros(3, device=dev))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True, capturable=True)
+    bind_lr(opt)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    state = torch.load(_roundtrip(opt.state_dict()), map_location="cpu", weights_only=False)
+    opt2 = torch.optim.AdamW([p], lr=0.1, fused=True, capturable=True)
+    opt2.load_state_dict(state)
+    assert opt2.param_groups[0]["lr"].device.type == "cpu"  # what a resumed run starts from
+    (t,) = bind_lr(opt2)
+    assert t.device == dev
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
