@@ -25,6 +25,7 @@ Numerically a replay is the eager step: the same kernels on the same inputs.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -88,6 +89,7 @@ class GraphedStep:
         self.loss_fn, self.update_fn = loss_fn, update_fn
         self.grad_accum, self.max_shapes = grad_accum, max_shapes
         self.captures = 0  # graphs captured so far (for logs and tests)
+        self.capture_seconds = 0.0  # wall time spent capturing (the training loop leaves it out of its speed)
         #: why the forward could not be captured (the model does something a graph cannot hold, e.g.
         #: DeBERTa-v2 copies a CPU tensor to the GPU in every forward); micro-batches then run eagerly
         self.capture_error: str | None = None
@@ -148,9 +150,11 @@ class GraphedStep:
     def _capture_micro(self, batch: dict[str, torch.Tensor], key: tuple) -> _Micro:
         inputs = {k: v.clone() for k, v in batch.items()}
         graph = torch.cuda.CUDAGraph()
+        t0 = time.perf_counter()
         # Capture records kernels without running them; the replay that follows does the work.
         with torch.cuda.graph(graph, pool=self._pool):
             loss = self._eager_micro(inputs)
+        self.capture_seconds += time.perf_counter() - t0
         self._micro[key] = g = _Micro(graph, inputs, loss)
         self.captures += 1
         return g
@@ -162,8 +166,10 @@ class GraphedStep:
                 self._update_warm = True  # e.g. AdamW creates its state at its first step
                 return self.update_fn()
             graph = torch.cuda.CUDAGraph()
+            t0 = time.perf_counter()
             with torch.cuda.graph(graph, pool=self._pool):
                 out = self.update_fn()
+            self.capture_seconds += time.perf_counter() - t0
             self._update = (graph, out)
             self.captures += 1
         graph, out = self._update

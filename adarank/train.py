@@ -400,6 +400,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                         torch.cuda.synchronize(device)
                     t_loop, timed_from = time.perf_counter(), step
                     timing["eval"] = timing["checkpoint"] = 0.0
+                    timing["capture_from"] = graphs.capture_seconds if graphs is not None else 0.0
 
                 if step % tc.log_every == 0 or step == T:
                     mean_loss = dist_.mean_over_ranks(dist, loss_sum / max(loss_n, 1)).item()
@@ -458,6 +459,8 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         torch.cuda.synchronize(device)
     loop_seconds = time.perf_counter() - t_loop
     step_seconds = loop_seconds - timing["eval"] - timing["checkpoint"]
+    if graphs is not None:  # capturing a graph is one-off set-up too (once per batch shape)
+        step_seconds -= graphs.capture_seconds - timing.get("capture_from", 0.0)
 
     # ---- results -------------------------------------------------------------------------------
     final = history["evals"][-1] if history["evals"] and history["evals"][-1]["step"] == step else run_eval(step)

@@ -126,6 +126,7 @@ def test_graphed_training_matches_eager_training_bit_for_bit():
     eager_losses, eager, _ = _train(False, batches, dev)
     graph_losses, graphed, graphs = _train(True, batches, dev)
     assert graphs.captures == 2  # one micro-batch shape and the update; the second shape stays eager
+    assert graphs.capture_seconds > 0
     assert graph_losses == eager_losses
     for step, (a, b) in enumerate(zip(eager, graphed)):
         for name in a:
