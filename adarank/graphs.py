@@ -147,16 +147,21 @@ class GraphedStep:
         g.graph.replay()
         return g.loss
 
-    def _capture_micro(self, batch: dict[str, torch.Tensor], key: tuple) -> _Micro:
-        inputs = {k: v.clone() for k, v in batch.items()}
+    def _capture(self, fn: Callable[[], torch.Tensor | None]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+        """Record `fn` into a new graph in the shared pool; returns the graph and fn's (static) output.
+        Capture records kernels without running them; the replay that follows does the work."""
         graph = torch.cuda.CUDAGraph()
         t0 = time.perf_counter()
-        # Capture records kernels without running them; the replay that follows does the work.
         with torch.cuda.graph(graph, pool=self._pool):
-            loss = self._eager_micro(inputs)
+            out = fn()
         self.capture_seconds += time.perf_counter() - t0
-        self._micro[key] = g = _Micro(graph, inputs, loss)
         self.captures += 1
+        return graph, out
+
+    def _capture_micro(self, batch: dict[str, torch.Tensor], key: tuple) -> _Micro:
+        inputs = {k: v.clone() for k, v in batch.items()}
+        graph, loss = self._capture(lambda: self._eager_micro(inputs))
+        self._micro[key] = g = _Micro(graph, inputs, loss)
         return g
 
     def update(self) -> torch.Tensor | None:
@@ -165,13 +170,7 @@ class GraphedStep:
             if not self._update_warm:
                 self._update_warm = True  # e.g. AdamW creates its state at its first step
                 return self.update_fn()
-            graph = torch.cuda.CUDAGraph()
-            t0 = time.perf_counter()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self.update_fn()
-            self.capture_seconds += time.perf_counter() - t0
-            self._update = (graph, out)
-            self.captures += 1
+            self._update = self._capture(self.update_fn)
         graph, out = self._update
         graph.replay()
         return out

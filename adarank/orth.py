@@ -28,11 +28,15 @@ def _gram_residual(mats: list[torch.Tensor], left: bool) -> torch.Tensor:
     return torch.linalg.matrix_norm(g - eye)
 
 
+def _check_form(form: str) -> None:
+    if form not in ORTH_FORMS:
+        raise ValueError(f"method.orth_form: must be one of {ORTH_FORMS}, got {form!r}")
+
+
 def _shape_groups(layers: Sequence[SVDLinear], form: str) -> dict[tuple, list[torch.nn.Parameter]]:
     """P and Q of every live adapter, grouped by role and shape (rank-0 adapters have nothing to keep
     orthogonal)."""
-    if form not in ORTH_FORMS:
-        raise ValueError(f"method.orth_form: must be one of {ORTH_FORMS}, got {form!r}")
+    _check_form(form)
     groups: dict[tuple, list[torch.nn.Parameter]] = defaultdict(list)
     for layer in layers:
         if layer.r == 0:
@@ -66,8 +70,7 @@ class OrthGrad:
     """
 
     def __init__(self, layers: Sequence[SVDLinear], weight: float, form: str = "mean_norm") -> None:
-        if form not in ORTH_FORMS:
-            raise ValueError(f"method.orth_form: must be one of {ORTH_FORMS}, got {form!r}")
+        _check_form(form)  # at construction, not at the first step
         self.layers, self.weight, self.form = list(layers), weight, form
         self._key: list[torch.Tensor] = []
         self._groups: list[tuple[bool, list[torch.nn.Parameter]]] = []

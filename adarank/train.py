@@ -277,7 +277,8 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     ckpt_every = tc.checkpoint_every or eval_every
     watch = NormWatch(floors=base_norms(model))
 
-    timing = {"eval": 0.0, "checkpoint": 0.0}  # this process's seconds outside the training steps
+    # this process's seconds outside the training steps; capture_from: graph capture time before the timer started
+    timing = {"eval": 0.0, "checkpoint": 0.0, "capture_from": 0.0}
 
     def run_eval(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -460,7 +461,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     loop_seconds = time.perf_counter() - t_loop
     step_seconds = loop_seconds - timing["eval"] - timing["checkpoint"]
     if graphs is not None:  # capturing a graph is one-off set-up too (once per batch shape)
-        step_seconds -= graphs.capture_seconds - timing.get("capture_from", 0.0)
+        step_seconds -= graphs.capture_seconds - timing["capture_from"]
 
     # ---- results -------------------------------------------------------------------------------
     final = history["evals"][-1] if history["evals"] and history["evals"][-1]["step"] == step else run_eval(step)
