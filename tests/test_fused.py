@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adarank
-from adarank.fused import ALIGN, _pad_rank
+from adarank.fused import ALIGN, _factors
 from adarank.layers import LoraLinear, SVDLinear
 
 
@@ -102,15 +102,18 @@ def test_fused_under_bf16_autocast_matches_to_bf16_rounding(kind):
         assert rel(g1[n], g0[n]) < 1e-2, n
 
 
-def test_rank_is_padded_to_the_alignment_with_zeros():
-    a = torch.randn(12, 7)
-    p = _pad_rank(a, 0)
-    assert p.shape == (16, 7) and torch.equal(p[:12], a) and not p[12:].any()
-    b = torch.randn(5, 3)
-    q = _pad_rank(b, 1)
-    assert q.shape == (5, ALIGN) and torch.equal(q[:, :3], b) and not q[:, 3:].any()
-    aligned = torch.randn(16, 4)
-    assert _pad_rank(aligned, 0) is aligned
+@pytest.mark.parametrize("r", [3, 8, 12])
+def test_factors_are_padded_to_the_alignment_with_zeros_and_carry_the_scale(r):
+    torch.manual_seed(0)
+    p1, p2, lam = torch.randn(r, 7), torch.randn(5, r), torch.randn(r)
+    rp = -(-r // ALIGN) * ALIGN
+    a, b, v = _factors("lora", p1, p2, None, 0.5, torch.bfloat16)
+    assert a.shape == (rp, 7) and b.shape == (5, rp) and a.dtype == b.dtype == torch.bfloat16 and v is None
+    assert torch.equal(a[:r], p1.bfloat16()) and torch.equal(b[:, :r], (p2 * 0.5).bfloat16())
+    assert not a[r:].any() and not b[:, r:].any()
+    a, b, v = _factors("svd", p1, p2, lam, 0.5, torch.float32)
+    assert torch.equal(v, lam * 0.5) and torch.equal(a[:r], p1 * v[:, None]) and torch.equal(b[:, :r], p2)
+    assert not a[r:].any() and not b[:, r:].any()
 
 
 def test_fused_merged_and_rank_zero_layers_are_the_base():
@@ -194,3 +197,31 @@ def test_without_autocast_a_half_precision_input_takes_the_unfused_path(kind, mo
     with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast both compute in bf16: fused
         fused(x)
     assert calls
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_parameter_gradient_matmul_casts_then_scales(alpha):
+    """_mm's fallback (CPU, or no out_dtype): the matmul, the cast to the parameter's dtype, the scale."""
+    from adarank.fused import _mm
+
+    torch.manual_seed(0)
+    m1, m2 = torch.randn(8, 32).bfloat16(), torch.randn(32, 5).bfloat16()
+    got = _mm(m1, m2, torch.float32, alpha)
+    assert got.dtype == torch.float32 and got.shape == (8, 5)
+    torch.testing.assert_close(got, (m1 @ m2).float() * alpha, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="out_dtype GEMMs run on CUDA")
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_parameter_gradient_matmul_writes_fp32_on_a_gpu(alpha):
+    """On a GPU the bf16 GEMM writes fp32 (and applies alpha) itself: closer to the fp64 product than
+    a bf16 result cast afterwards."""
+    from adarank.fused import _mm
+
+    torch.manual_seed(0)
+    m1, m2 = torch.randn(16, 4096, device="cuda").bfloat16(), torch.randn(4096, 8, device="cuda").bfloat16()
+    got = _mm(m1, m2, torch.float32, alpha)
+    exact = (m1.double() @ m2.double()) * alpha
+    assert got.dtype == torch.float32
+    assert (got.double() - exact).abs().max() <= ((m1 @ m2).double() * alpha - exact).abs().max()
+    torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-3)

@@ -381,7 +381,7 @@ def profile_steps(rig: Rig, batch: dict, device: torch.device, n: int, path: str
             "item_calls_per_step": names.count("aten::_local_scalar_dense") / n,
         })
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=40)
+    table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=100)
     head = f"# {title}: {n} profiled steps\n" + "".join(f"# {k}: {v:.1f}\n" for k, v in counts.items())
     atomic_write_text(path, head + table + "\n")
     return counts
