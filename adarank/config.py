@@ -112,7 +112,7 @@ class MethodConfig:
     """lora/rslora/adalora: compute each adapted layer (frozen base + adapter) in one autograd function
     (adarank/fused.py): fewer passes over activations and tensor-core aligned ranks, so faster on a GPU.
     Equal to the unfused path up to rounding; off by default because the results in results/ were
-    produced without it."""
+    produced without it. Under train.compile the layers take the unfused path, which the compiler fuses."""
     lr: Optional[float] = None
     """Overrides train.lr for this method (e.g. full fine-tuning wants a smaller one)."""
     init_rank: Optional[int] = None

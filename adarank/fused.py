@@ -21,7 +21,6 @@ that is the adapter's dtype (a bf16 base with fp32 adapters and no autocast take
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["ALIGN", "adapted_linear"]
 

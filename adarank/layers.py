@@ -71,9 +71,12 @@ class _Adapter(nn.Module):
     def _fusable(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         """The fused path returns no gradient for the base, so it serves only while the base is frozen;
         and it computes in one dtype, so without autocast only when the input has the adapter's dtype
-        (the unfused path computes the adapter in its own dtype, e.g. fp32 next to a bf16 base)."""
+        (the unfused path computes the adapter in its own dtype, e.g. fp32 next to a bf16 base).
+        Under torch.compile the unfused path serves: the compiler fuses it itself, and dynamo cannot trace
+        the fused function (it takes one tensor twice and writes into strided `out=` views), which
+        would break the graph at every layer."""
         b = self.base.bias
-        if self.base.weight.requires_grad or (b is not None and b.requires_grad):
+        if self.base.weight.requires_grad or (b is not None and b.requires_grad) or torch.compiler.is_compiling():
             return False
         return x.dtype == dtype or torch.is_autocast_enabled(x.device.type)
 

@@ -102,3 +102,30 @@ def test_smoke_fused_variants(tmp_path):
     assert all(isinstance(w["ratios"][k], float) for k in ("lora+fused/lora", "adalora+fused/lora+fused", "lora+fused/floor"))
     # the fused adapters train the same parameters
     assert w["variants"]["lora+fused"]["trainable_params"] == w["variants"]["lora"]["trainable_params"]
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("lean", [False, True])
+@pytest.mark.parametrize("kind,r", [("lora", 8), ("lora", 3), ("svd", 12)])
+def test_layer_ab_candidates_compute_the_adapted_linear(kind, r, swap, lean):
+    """layer_ab.py's candidates (its CUDA timing cannot run here): each computes base + adapter and its
+    gradients, so an A/B between them compares implementations of one function."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "experiments" / "bench"))
+    import layer_ab
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 24, requires_grad=True)
+    w = torch.randn(40, 24)
+    p1 = torch.randn(r, 24, requires_grad=True)
+    p2 = torch.randn(40, r, requires_grad=True)
+    lam = torch.randn(r, requires_grad=True) if kind == "svd" else None
+    y = layer_ab._Cand.apply(x, x, w, None, p1, p2, lam, kind, 0.7, swap, lean)
+    a = p1 * 0.7 if kind == "lora" else p1 * (lam * 0.7)[:, None]
+    ref = x @ w.T + (x @ a.T) @ p2.T
+    ins = [x, p1, p2] + ([lam] if lam is not None else [])
+    gy = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(y, ins, gy), torch.autograd.grad(ref, ins, gy)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)

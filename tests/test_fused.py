@@ -225,3 +225,15 @@ def test_parameter_gradient_matmul_writes_fp32_on_a_gpu(alpha):
     assert got.dtype == torch.float32
     assert (got.double() - exact).abs().max() <= ((m1 @ m2).double() * alpha - exact).abs().max()
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("cls", [LoraLinear, SVDLinear])
+def test_fused_layers_compile_without_graph_breaks(cls):
+    """Under torch.compile fused layers take the unfused path, which dynamo traces whole."""
+    torch.manual_seed(0)
+    m = nn.Sequential(cls(nn.Linear(16, 32), r=12, alpha=24.0, fused=True), nn.ReLU(),
+                      cls(nn.Linear(32, 8), r=12, alpha=24.0, fused=True))
+    x = torch.randn(4, 16, requires_grad=True)
+    assert torch._dynamo.explain(m)(x).graph_break_count == 0
+    compiled = torch.compile(m, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), m(x))

@@ -222,7 +222,7 @@ def test_bind_lr_after_loading_a_graphed_checkpoint_puts_the_rate_on_the_gpu():
     opt2.load_state_dict(state)
     assert opt2.param_groups[0]["lr"].device.type == "cpu"  # what a resumed run starts from
     (t,) = bind_lr(opt2)
-    assert t.device == dev
+    assert t.device == p.device and t.device.type == "cuda"  # p is on cuda:0; torch.device("cuda") has no index
 
 
 def _roundtrip(obj):
