@@ -68,10 +68,10 @@ def test_smoke_compiled_shrunk_adapters_and_resume(tmp_path, backend):
     assert second["workloads"]["W2"]["ratios"]["adalora_final+compile/lora+compile"] is None
 
 
-def _bench_module():
+def _bench_module(script: Path = SCRIPT, name: str = "bench_script"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
+    spec = importlib.util.spec_from_file_location(name, script)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
@@ -112,9 +112,7 @@ def test_layer_ab_candidates_compute_the_adapted_linear(kind, r, swap, lean):
     gradients, so an A/B between them compares implementations of one function."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "experiments" / "bench"))
-    import layer_ab
-
+    layer_ab = _bench_module(SCRIPT.with_name("layer_ab.py"), "layer_ab_script")
     torch.manual_seed(0)
     x = torch.randn(16, 24, requires_grad=True)
     w = torch.randn(40, 24)

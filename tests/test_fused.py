@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adarank
-from adarank.fused import ALIGN, _factors
+from adarank.fused import ALIGN, _factors, _mm
 from adarank.layers import LoraLinear, SVDLinear
 
 
@@ -202,8 +202,6 @@ def test_without_autocast_a_half_precision_input_takes_the_unfused_path(kind, mo
 @pytest.mark.parametrize("alpha", [1.0, 0.25])
 def test_parameter_gradient_matmul_casts_then_scales(alpha):
     """_mm's fallback (CPU, or no out_dtype): the matmul, the cast to the parameter's dtype, the scale."""
-    from adarank.fused import _mm
-
     torch.manual_seed(0)
     m1, m2 = torch.randn(8, 32).bfloat16(), torch.randn(32, 5).bfloat16()
     got = _mm(m1, m2, torch.float32, alpha)
@@ -216,8 +214,6 @@ def test_parameter_gradient_matmul_casts_then_scales(alpha):
 def test_parameter_gradient_matmul_writes_fp32_on_a_gpu(alpha):
     """On a GPU the bf16 GEMM writes fp32 (and applies alpha) itself: closer to the fp64 product than
     a bf16 result cast afterwards."""
-    from adarank.fused import _mm
-
     torch.manual_seed(0)
     m1, m2 = torch.randn(16, 4096, device="cuda").bfloat16(), torch.randn(4096, 8, device="cuda").bfloat16()
     got = _mm(m1, m2, torch.float32, alpha)

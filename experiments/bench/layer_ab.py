@@ -80,10 +80,6 @@ def step_fn(impl: str, kind: str, layers: list[dict], x: torch.Tensor, x2: torch
     return step
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    return fused._mm(a, b, torch.float32, alpha)
-
-
 def _pad_rank(m: torch.Tensor, dim: int) -> torch.Tensor:
     pad = -m.shape[dim] % fused.ALIGN
     return m if pad == 0 else F.pad(m, (0, pad) if dim == 1 else (0, 0, 0, pad))
@@ -132,14 +128,14 @@ class _Cand(torch.autograd.Function):
         u = g @ b
         gp1 = gp2 = glam = None
         if lean:
-            ga = _mm_f32(u.t(), h2)[:r]
+            ga = fused._mm(u.t(), h2, torch.float32)[:r]
             if kind == "lora":
                 gp1 = ga
-                gp2 = _mm_f32(g.t(), t, scale)[:, :r]
+                gp2 = fused._mm(g.t(), t, torch.float32, scale)[:, :r]
             else:
                 gp1 = ga * v[:, None]
                 glam = torch.linalg.vecdot(ga, p1) * scale
-                gp2 = _mm_f32(g.t(), t)[:, :r]
+                gp2 = fused._mm(g.t(), t, torch.float32)[:, :r]
         else:
             ga = (u.t() @ h2)[:r].to(p1.dtype)
             gb = (g.t() @ t)[:, :r].to(p2_dtype)
