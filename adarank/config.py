@@ -110,7 +110,8 @@ class MethodConfig:
     """Adapter parameter dtype."""
     fused: bool = False
     """lora/rslora/adalora: compute each adapted layer (frozen base + adapter) in one autograd function
-    (adarank/fused.py): fewer passes over activations and tensor-core aligned ranks, so faster on a GPU.
+    (adarank/fused.py), and adapted layers called on one tensor (q, k, v; gate, up) as one such function
+    (adarank/siblings.py): fewer passes over activations and tensor-core aligned ranks, so faster on a GPU.
     Equal to the unfused path up to rounding; off by default because the results in results/ were
     produced without it. Under train.compile the layers take the unfused path, which the compiler fuses."""
     lr: Optional[float] = None

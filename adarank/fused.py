@@ -1,4 +1,4 @@
-"""One autograd function for a frozen linear layer plus its low-rank adapter: y = x·Wᵀ + bias + (h·aᵀ)·bᵀ.
+"""Frozen linear layers plus their low-rank adapters in one autograd function: y = x·Wᵀ + bias + (h·aᵀ)·bᵀ.
 
 `method.fused` selects it for both adapter kinds (LoRA: a = A, b = scale·B; SVD: a = diag(λ·scale)·Q,
 b = P). Against the unfused path (base linear, two thin matmuls, then `y + d`, with autograd summing
@@ -6,11 +6,16 @@ the input gradients) it saves work on token-sized tensors, which is what adapter
 - the adapter's thin matmul writes y and the base's matmul adds itself to it in its epilogue (`addmm_`),
   with no separate add; backward does the same for the input gradient when the adapter sees the base's
   input (no dropout), instead of two tensors and a sum;
+- several adapted layers that read one input (q, k and v; gate and up: adarank/siblings.py) form one
+  call: their factors are stacked, so the input is read once by the forward's thin matmul and once by
+  the A-side gradient's, and their input gradients are summed in the base matmuls' epilogues;
 - the rank dimension is zero-padded to a multiple of 8, so the thin matmuls get tensor-core aligned
   operands at any rank (an SVD adapter at rank 12, or after pruning, otherwise falls back to slow
   kernels). Zero columns add exact zeros: the function is unchanged;
 - each factor is cast, scaled and padded by one kernel, and on a GPU the parameters' fp32 gradients come
-  straight out of the GEMMs (`out_dtype`), so a layer adds few tiny kernels to a step.
+  straight out of the GEMMs (`out_dtype`), so a layer adds few tiny kernels to a step. Inside
+  `grads_into_buffers()` (the CUDA-graph step) those GEMMs also add themselves into the existing `.grad`
+  buffers, so autograd's separate accumulation kernel per parameter disappears too.
 
 The result equals the unfused path's up to rounding (the sums are rounded once instead of twice), so
 runs with and without it are not bit-identical. Under autocast it computes in the autocast dtype, as
@@ -20,25 +25,71 @@ that is the adapter's dtype (a bf16 base with fp32 adapters and no autocast take
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["ALIGN", "adapted_linear"]
+__all__ = ["ALIGN", "Adapter", "adapted_linear", "adapted_linears", "grads_into_buffers"]
 
 #: the rank dimension is padded to a multiple of this (16 bytes of bf16/fp16: tensor-core alignment)
 ALIGN = 8
 
 
+class Adapter(NamedTuple):
+    """One adapted matrix for `adapted_linears`. `weight` is the frozen base's ((in, out) if `transposed`,
+    as Conv1D stores it, else (out, in)). kind "lora": p1 = A (r, in), p2 = B (out, r), ΔW = scale·B·A;
+    kind "svd": p1 = Q (r, in), p2 = P (out, r), lam = λ (r,), ΔW = P·diag(λ·scale)·Q."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    kind: str
+    p1: torch.Tensor
+    p2: torch.Tensor
+    lam: torch.Tensor | None = None
+    scale: float = 1.0
+    transposed: bool = False
+
+
+_INTO_GRAD = False
+
+
+@contextlib.contextmanager
+def grads_into_buffers() -> Iterator[None]:
+    """Forwards run inside add their parameters' gradients, in backward, straight into the parameters'
+    existing `.grad` tensors (the weight-gradient GEMM accumulates in its epilogue) instead of handing
+    them to autograd, which would add each one with a kernel of its own. For loops that keep gradients in
+    persistent buffers and accumulate into them (adarank.graphs.GraphedStep); gradient hooks on the
+    parameters (DDP's, for one) do not see these gradients. A parameter whose `.grad` is None still gets
+    its gradient through autograd. Read at forward time: the backward may run on another thread."""
+    global _INTO_GRAD
+    prev, _INTO_GRAD = _INTO_GRAD, True
+    try:
+        yield
+    finally:
+        _INTO_GRAD = prev
+
+
+def _padded(r: int) -> int:
+    return r + (-r % ALIGN)
+
+
 def _factors(kind: str, p1: torch.Tensor, p2: torch.Tensor, lam: torch.Tensor | None, scale: float,
-             dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             dt: torch.dtype, a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(a, b, v): a and b in the compute dtype with the rank padded to ALIGN, one kernel per factor (the
     cast and the scaling write straight into the padded buffer). LoRA (p1 = A, p2 = B): a = A,
-    b = scale·B, v None; SVD (p1 = Q, p2 = P): v = λ·scale, a = diag(v)·Q, b = P."""
+    b = scale·B, v None; SVD (p1 = Q, p2 = P): v = λ·scale, a = diag(v)·Q, b = P. `a`, if given, is the
+    (padded rank, in) buffer to write a into (a slice of a group's stacked factor); its padding rows
+    must already be zero."""
     r = p1.shape[0]
-    rp = r + (-r % ALIGN)
-    a = p1.new_empty((rp, p1.shape[1]), dtype=dt)
+    rp = _padded(r)
+    if a is None:
+        a = p1.new_empty((rp, p1.shape[1]), dtype=dt)
+        if rp != r:
+            a[r:].zero_()
     b = p2.new_empty((p2.shape[0], rp), dtype=dt)
     if rp != r:
-        a[r:].zero_()
         b[:, r:].zero_()
     v = None
     if kind == "lora":
@@ -55,85 +106,195 @@ def _factors(kind: str, p1: torch.Tensor, p2: torch.Tensor, lam: torch.Tensor | 
 _OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
 
 
-def _mm(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0) -> torch.Tensor:
-    """alpha·(m1 @ m2) as a `dtype` tensor (a parameter's gradient). On a GPU with half-precision inputs and
-    an fp32 parameter the GEMM writes fp32 itself, scaled by alpha, so there is no cast or scale kernel
-    after it (and no bf16 rounding of the gradient); elsewhere it is the matmul, the cast, then the scale."""
+def _mm(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0,
+        acc: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha·(m1 @ m2) as a `dtype` tensor (a parameter's gradient), or added into `acc` (a `dtype` tensor)
+    in place. On a GPU with half-precision inputs and an fp32 parameter the GEMM writes (or accumulates
+    into) fp32 itself, scaled by alpha, so there is no cast, scale or add kernel after it (and no bf16
+    rounding of the gradient); elsewhere it is the matmul, the cast, the scale, then the add."""
     if _OUT_DTYPE and m1.is_cuda and dtype == torch.float32 and m1.dtype in (torch.bfloat16, torch.float16):
+        if acc is not None:
+            return torch.addmm(acc, m1, m2, out_dtype=dtype, beta=1, alpha=alpha, out=acc)
         if alpha == 1.0:
             return torch.mm(m1, m2, out_dtype=dtype)
         out = m1.new_empty((m1.shape[0], m2.shape[1]), dtype=dtype)
         return torch.addmm(out, m1, m2, out_dtype=dtype, beta=0, alpha=alpha, out=out)
     out = torch.mm(m1, m2).to(dtype)
+    if acc is not None:
+        return acc.add_(out, alpha=alpha)
     return out if alpha == 1.0 else out.mul_(alpha)
 
 
-class _AdaptedLinear(torch.autograd.Function):
-    """One autograd node for base + adapter: the factor preparation (scale, λ, cast, padding) happens
-    inside, so eager mode dispatches a handful of ops per layer instead of a chain of small nodes.
-    `weight` is in (out, in) orientation (a view is fine) and already in the compute dtype.
+def _give(p: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor | None:
+    """Hand `grad` to autograd (p None), or add it into p.grad and hand nothing."""
+    if p is None:
+        return grad
+    p.grad.add_(grad)
+    return None
 
-    Order of the sums: the adapter's thin matmul writes y (and, in backward, the input gradient) first and
-    the base's matmul then adds itself to it in its epilogue (`addmm_`, beta = 1). The big matmul is
-    compute-bound, so reading y there is nearly free, while the other order (base first, then the thin
-    matmul reading and writing y) costs a whole extra pass over a token-sized tensor per matrix."""
+
+class _AdaptedLinears(torch.autograd.Function):
+    """One autograd node for n base + adapter pairs that read one input: the factor preparation (scale, λ,
+    cast, padding) happens inside, so eager mode dispatches a handful of ops per layer instead of a chain
+    of small nodes. Inputs: x (the base's input), h (the adapters', x itself when there is no dropout),
+    meta ((kind, scale) per adapter), then (weight, bias, p1, p2, lam) per adapter, each `weight` in
+    (out, in) orientation (a view is fine) and already in the compute dtype.
+
+    The adapters' a factors are stacked into one (R, in) matrix (each one's rank padded), so T = h·Aᵀ is one
+    thin matmul for the group and its gradient Aᵀ-side one GEMM. Order of the sums: each adapter's thin
+    matmul writes its y (and, in backward, the group's one input gradient) first and the base's matmul
+    then adds itself to it in its epilogue (`addmm_`, beta = 1). The big matmul is compute-bound, so
+    reading y there is nearly free, while the other order (base first, then the thin matmul reading and
+    writing y) costs a whole extra pass over a token-sized tensor per matrix."""
 
     @staticmethod
-    def forward(ctx, x, h, weight, bias, p1, p2, lam, kind, scale):
-        out = weight.shape[0]
-        a, b, v = _factors(kind, p1, p2, lam, scale, x.dtype)
+    def forward(ctx, x, h, meta, *tensors):
+        n = len(meta)
+        ws, biases, p1s, p2s, lams = (tensors[k::5] for k in range(5))
         x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-        t = torch.mm(h2, a.t())  # (N, r_pad)
-        y = torch.mm(t, b.t()) if bias is None else torch.addmm(bias, t, b.t())
-        y.addmm_(x2, weight.t())
-        ctx.same_input, ctx.kind, ctx.scale, ctx.r = h is x, kind, scale, p1.shape[0]
-        ctx.dtypes = (p1.dtype, p2.dtype, lam.dtype if lam is not None else None)
-        ctx.save_for_backward(h, weight, a, b, t, p1, v)
-        return y.view(*x.shape[:-1], out)
+        ranks = [p1.shape[0] for p1 in p1s]
+        offs = [sum(_padded(r) for r in ranks[:i]) for i in range(n)]
+        width = sum(_padded(r) for r in ranks)
+        bs, vs = [None] * n, [None] * n
+        a_all = t_all = None
+        if width:
+            # padding rows must be zero: they meet the zero padding columns of b, but 0·NaN garbage would not
+            a_all = (h2.new_zeros if width != sum(ranks) else h2.new_empty)((width, h2.shape[1]))
+            for i, (kind, scale) in enumerate(meta):
+                if ranks[i]:
+                    a = a_all[offs[i]:offs[i] + _padded(ranks[i])]
+                    _, bs[i], vs[i] = _factors(kind, p1s[i], p2s[i], lams[i], scale, x.dtype, a)
+            t_all = torch.mm(h2, a_all.t())  # (N, R): the input is read once for the whole group
+        ys = []
+        for i in range(n):
+            w, bias = ws[i], biases[i]
+            if ranks[i]:
+                t = t_all[:, offs[i]:offs[i] + _padded(ranks[i])]
+                y = torch.mm(t, bs[i].t()) if bias is None else torch.addmm(bias, t, bs[i].t())
+                y.addmm_(x2, w.t())
+            else:  # an SVD adapter pruned to rank 0: the base alone
+                y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+            ys.append(y.view(*x.shape[:-1], w.shape[0]))
+        ctx.meta, ctx.ranks, ctx.offs, ctx.same_input = meta, ranks, offs, h is x
+        ctx.set_materialize_grads(False)  # an output nobody used gets None, not zeros: its adapter is skipped
+        # the parameters themselves, so that backward can reach their .grad (only inside grads_into_buffers)
+        ctx.into = (p1s, p2s, lams) if _INTO_GRAD else None
+        ctx.dtypes = [(p1s[i].dtype, p2s[i].dtype, lams[i].dtype if lams[i] is not None else None) for i in range(n)]
+        ctx.save_for_backward(h, a_all, t_all, *ws, *bs, *vs, *p1s)
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        h, weight, a, b, t, p1, v = ctx.saved_tensors
-        r, scale = ctx.r, ctx.scale
-        g = grad_y.reshape(-1, weight.shape[0])
+    def backward(ctx, *grads):
+        meta, ranks, offs, n = ctx.meta, ctx.ranks, ctx.offs, len(ctx.meta)
+        saved = ctx.saved_tensors
+        h, a_all, t_all = saved[:3]
+        ws, bs, vs, p1s = (saved[3 + k * n:3 + (k + 1) * n] for k in range(4))
+        need = ctx.needs_input_grad
         h2 = h.reshape(-1, h.shape[-1])
-        need_x, need_h, _, _, need_p1, need_p2, need_lam, _, _ = ctx.needs_input_grad
-        grad_t = g @ b  # (N, r_pad)
-        grad_x = grad_h = grad_p1 = grad_p2 = grad_lam = None
-        if need_p1 or need_lam:
-            grad_a = _mm(grad_t.t(), h2, ctx.dtypes[0])[:r]  # the padded rows carry nothing back
-            if ctx.kind == "lora":
-                grad_p1 = grad_a
-            else:  # a = diag(v)·Q
-                grad_p1 = grad_a * v[:, None] if need_p1 else None
-                grad_lam = (torch.linalg.vecdot(grad_a, p1) * scale).to(ctx.dtypes[2]) if need_lam else None
-        if need_p2:  # LoRA's b = scale·B: the GEMM applies the scale
-            grad_p2 = _mm(g.t(), t, ctx.dtypes[1], scale if ctx.kind == "lora" else 1.0)[:, :r]
-        if ctx.same_input and (need_x or need_h):
-            grad_x = torch.mm(grad_t, a)
-            grad_x.addmm_(g, weight)
-            grad_x = grad_x.view(*grad_y.shape[:-1], -1)
+        gs = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
+        live = [bool(ranks[i]) and gs[i] is not None for i in range(n)]  # adapters a gradient flows through
+        wants = [(need[5 + 5 * i] or need[7 + 5 * i], need[6 + 5 * i]) for i in range(n)]  # (a side, b side)
+        out: list[torch.Tensor | None] = [None] * (5 * n)
+
+        def into(k: int, i: int) -> torch.Tensor | None:
+            """The parameter whose .grad to add into (k: 0 p1, 1 p2, 2 lam), or None: hand it to autograd."""
+            if ctx.into is None:
+                return None
+            p = ctx.into[k][i]
+            return p if p.grad is not None else None
+
+        need_in = need[0] or need[1]
+        grad_t = None
+        if a_all is not None and any(live) and (need_in or any(w[0] for w, l in zip(wants, live) if l)):
+            grad_t = t_all.new_empty(t_all.shape)
+            for i in range(n):
+                if ranks[i]:
+                    sl = slice(offs[i], offs[i] + _padded(ranks[i]))
+                    if gs[i] is None:
+                        grad_t[:, sl].zero_()
+                    else:
+                        torch.mm(gs[i], bs[i], out=grad_t[:, sl])
+        a_side = [i for i in range(n) if live[i] and wants[i][0]]
+        if len(a_side) == 1 and n == 1 and meta[0][0] == "lora" and into(0, 0) is not None:
+            # one LoRA adapter: its A gradient accumulates straight into A.grad
+            i, r = 0, ranks[0]
+            _mm(grad_t[:, :r].t(), h2, ctx.dtypes[0][0], acc=into(0, 0).grad)
+            a_side = []
+        if a_side:
+            grad_a = _mm(grad_t.t(), h2, ctx.dtypes[a_side[0]][0])  # (R, in): the input is read once
+            for i in a_side:
+                kind, scale = meta[i]
+                ga = grad_a[offs[i]:offs[i] + ranks[i]].to(ctx.dtypes[i][0])
+                if kind == "lora":
+                    out[5 * i + 2] = _give(into(0, i), ga)
+                    continue
+                if need[5 + 5 * i]:  # a = diag(v)·Q
+                    q = into(0, i)
+                    if q is None:
+                        out[5 * i + 2] = ga * vs[i][:, None]
+                    else:
+                        q.grad.addcmul_(ga, vs[i][:, None])
+                if need[7 + 5 * i]:
+                    gl = torch.linalg.vecdot(ga, p1s[i]).to(ctx.dtypes[i][2])
+                    lam = into(2, i)
+                    if lam is None:
+                        out[5 * i + 4] = gl.mul_(scale)
+                    else:
+                        lam.grad.add_(gl, alpha=scale)
+        for i in range(n):
+            if live[i] and wants[i][1]:  # LoRA's b = scale·B: the GEMM applies the scale
+                kind, scale = meta[i]
+                t = t_all[:, offs[i]:offs[i] + ranks[i]]
+                p2 = into(1, i)
+                alpha = scale if kind == "lora" else 1.0
+                if p2 is None:
+                    out[5 * i + 3] = _mm(gs[i].t(), t, ctx.dtypes[i][1], alpha)
+                else:
+                    _mm(gs[i].t(), t, ctx.dtypes[i][1], alpha, acc=p2.grad)
+        grad_x = grad_h = None
+        if ctx.same_input and need_in:
+            grad_x = _input_grad(gs, ws, grad_t, a_all)
         else:
-            if need_x:
-                grad_x = (g @ weight).view(*grad_y.shape[:-1], -1)
-            if need_h:
-                grad_h = (grad_t @ a).view(*grad_y.shape[:-1], -1)
-        return grad_x, grad_h, None, None, grad_p1, grad_p2, grad_lam, None, None
+            if need[0]:
+                grad_x = _input_grad(gs, ws, None, None)
+            if need[1] and grad_t is not None:
+                grad_h = torch.mm(grad_t, a_all).view(h.shape)
+        if grad_x is not None:
+            grad_x = grad_x.view(*h.shape[:-1], -1)
+        return (grad_x, grad_h, None, *out)
 
 
-def adapted_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   kind: str, p1: torch.Tensor, p2: torch.Tensor, lam: torch.Tensor | None = None,
-                   scale: float = 1.0, transposed: bool = False) -> torch.Tensor:
-    """base(x) + adapter(h) with the base's frozen `weight` ((in, out) if `transposed`, as Conv1D stores
-    it, else (out, in)). kind "lora": p1 = A (r, in), p2 = B (out, r), ΔW = scale·B·A; kind "svd":
-    p1 = Q (r, in), p2 = P (out, r), lam = λ (r,), ΔW = P·diag(λ·scale)·Q. Pass `h is x` when there is no
-    dropout: backward then fuses the two input gradients. Returns y in the compute dtype."""
+def _input_grad(gs: Sequence[torch.Tensor | None], ws: Sequence[torch.Tensor], grad_t: torch.Tensor | None,
+                a_all: torch.Tensor | None) -> torch.Tensor | None:
+    """Σ g_i·W_i (+ grad_t·A): the adapters' thin matmul writes the sum first, each base matmul adds itself
+    in its epilogue, so the group's input gradient is one tensor with no separate adds."""
+    gx = torch.mm(grad_t, a_all) if grad_t is not None else None
+    for g, w in zip(gs, ws):
+        if g is not None:
+            gx = torch.mm(g, w) if gx is None else gx.addmm_(g, w)
+    return gx
+
+
+def adapted_linears(x: torch.Tensor, h: torch.Tensor, adapters: Sequence[Adapter]) -> tuple[torch.Tensor, ...]:
+    """base_i(x) + adapter_i(h) for every adapter, computed together (see the module docstring). Pass
+    `h is x` when there is no dropout: backward then fuses the input gradients. Returns the outputs in the
+    compute dtype (the autocast dtype, else x's)."""
     dev = x.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     same = h is x
     x = x.to(dt)
     h = x if same else h.to(dt)
-    w = (weight.t() if transposed else weight).to(dt)
-    bias = bias.to(dt) if bias is not None else None
+    flat: list[torch.Tensor | None] = []
+    for a in adapters:
+        w = (a.weight.t() if a.transposed else a.weight).to(dt)
+        flat += [w, a.bias.to(dt) if a.bias is not None else None, a.p1, a.p2, a.lam]
+    meta = tuple((a.kind, a.scale) for a in adapters)
     with torch.autocast(dev, enabled=False):
-        return _AdaptedLinear.apply(x, h, w, bias, p1, p2, lam, kind, scale)
+        return _AdaptedLinears.apply(x, h, meta, *flat)
+
+
+def adapted_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   kind: str, p1: torch.Tensor, p2: torch.Tensor, lam: torch.Tensor | None = None,
+                   scale: float = 1.0, transposed: bool = False) -> torch.Tensor:
+    """base(x) + adapter(h) for one adapter (the arguments of `Adapter`)."""
+    return adapted_linears(x, h, (Adapter(weight, bias, kind, p1, p2, lam, scale, transposed),))[0]

@@ -16,6 +16,7 @@ The step has two static halves with a dynamic part between them, so there are tw
 The rank allocator runs eagerly between `update()` and `zero_grads()`: its schedule decides on the host
 what each step does. It reads the gradients, which therefore live in buffers that last for the whole
 run (never None), are accumulated into by every backward, and are zeroed in place by `zero_grads()`.
+Fused adapters (adarank/fused.py) accumulate into them straight from their weight-gradient GEMMs.
 After a shrink swaps parameters, `reset()` drops every graph.
 
 The first use of each shape, and the first update, run eagerly: lazy initialisation (cuBLAS handles,
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from .fused import grads_into_buffers
 
 __all__ = ["GraphedStep", "bind_lr", "sync_lr"]
 
@@ -113,7 +116,10 @@ class GraphedStep:
         return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(batch.items()))
 
     def _eager_micro(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = self.loss_fn(batch)
+        # the gradients live in persistent buffers: fused adapters' GEMMs accumulate into them directly,
+        # with no separate add kernel per parameter
+        with grads_into_buffers():
+            loss = self.loss_fn(batch)
         (loss / self.grad_accum).backward()
         return loss.detach()
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .layers import LoraLinear, SVDLinear, is_adaptable
+from .siblings import link_siblings
 
 __all__ = ["find_targets", "inject", "adapters", "svd_adapters", "ParamReport", "param_report", "linear_names"]
 
@@ -85,8 +86,8 @@ def inject(
     """Wrap the target layers with `kind` ("lora" or "svd") adapters in place and freeze the rest.
 
     `train_modules` are suffixes of modules trained in full (e.g. the classifier head). `fused` computes
-    each adapted layer in one autograd function (adarank/fused.py).
-    Returns the trainable-parameter report.
+    each adapted layer in one autograd function (adarank/fused.py), and adapters that turn out to read
+    one input together (adarank/siblings.py). Returns the trainable-parameter report.
     """
     cls = {"lora": LoraLinear, "svd": SVDLinear}.get(kind)
     if cls is None:
@@ -97,6 +98,7 @@ def inject(
     for name in names:
         base = model.get_submodule(name)
         _set_submodule(model, name, cls(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dtype=dtype, fused=fused))
+    link_siblings(model, adapters(model))
     unfreeze(model, train_modules)
     return param_report(model)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import adapted_linear
+from .fused import Adapter, adapted_linear
 
 try:  # transformers is a hard dependency, but keep the layers importable without it
     from transformers.pytorch_utils import Conv1D
@@ -59,6 +59,9 @@ class _Adapter(nn.Module):
         #: compute base + adapter in one autograd function (adarank/fused.py): faster on a GPU, equal up
         #: to rounding; a plain attribute, so it can be switched on an injected model
         self.fused = fused
+        #: the adapters that may share this one's input (adarank/siblings.py; set by `inject`): fused
+        #: adapters called on one tensor are computed together
+        self.siblings = None
 
     @property
     def weight(self) -> torch.Tensor:  # some transformers code reads `.weight` of projections
@@ -79,6 +82,24 @@ class _Adapter(nn.Module):
         if self.base.weight.requires_grad or (b is not None and b.requires_grad) or torch.compiler.is_compiling():
             return False
         return x.dtype == dtype or torch.is_autocast_enabled(x.device.type)
+
+    def groupable(self, x: torch.Tensor) -> bool:
+        """Whether this adapter can be computed in a group call on x: fused, unmerged, fusable, and with no
+        dropout at work (a group shares one input, while dropout draws a mask per adapter)."""
+        return (self.fused and not self.merged and self._fusable(x, self.as_adapter().p1.dtype)
+                and (isinstance(self.dropout, nn.Identity) or not self.training))
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused path: with the siblings' group when they share x, else alone."""
+        if self.siblings is not None and self.groupable(x):
+            y = self.siblings.output(self, x)
+            if y is not None:
+                return y
+        a = self.as_adapter()
+        return adapted_linear(x, self.dropout(x), *a)
+
+    def as_adapter(self) -> Adapter:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -142,8 +163,7 @@ class LoraLinear(_Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and not self.merged and self._fusable(x, self.lora_A.dtype):
-            return adapted_linear(x, self.dropout(x), self.base.weight, self.base.bias, "lora", self.lora_A,
-                                  self.lora_B, scale=self.scale, transposed=self.transposed)
+            return self._fused_forward(x)
         y = self.base(x)
         if self.merged:
             return y
@@ -151,6 +171,10 @@ class LoraLinear(_Adapter):
         # the scale goes into the (out, r) factor: a weight-sized multiply, not a token-sized one
         d = F.linear(F.linear(h, self.lora_A), self.lora_B * self.scale)
         return y + d.to(y.dtype)
+
+    def as_adapter(self) -> Adapter:
+        return Adapter(self.base.weight, self.base.bias, "lora", self.lora_A, self.lora_B, None, self.scale,
+                       self.transposed)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in (out, in) orientation, scale included."""
@@ -196,9 +220,9 @@ class SVDLinear(_Adapter):
         return self.lam.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and not self.merged and self.r > 0 and self._fusable(x, self.Q.dtype):
-            return adapted_linear(x, self.dropout(x), self.base.weight, self.base.bias, "svd", self.Q, self.P,
-                                  self.lam, self.scale, self.transposed)
+        # (a rank-0 adapter too: the fused function computes the base alone, and it may be in a group)
+        if self.fused and not self.merged and self._fusable(x, self.Q.dtype):
+            return self._fused_forward(x)
         y = self.base(x)
         if self.merged or self.r == 0:
             return y
@@ -207,6 +231,9 @@ class SVDLinear(_Adapter):
         # forward is LoRA's two thin matmuls plus one tiny op.
         d = F.linear(F.linear(h, self.Q * (self.lam * self.scale)[:, None]), self.P)
         return y + d.to(y.dtype)
+
+    def as_adapter(self) -> Adapter:
+        return Adapter(self.base.weight, self.base.bias, "svd", self.Q, self.P, self.lam, self.scale, self.transposed)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in (out, in) orientation, scale included."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
 
 import adarank
 
@@ -50,6 +51,19 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(cfg).eval()
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    """Llama (q, k, v on one input; gate and up on one input) with vocab 50, width 16, 4 heads with 2 KV
+    heads, intermediate 24, eval mode."""
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=24, max_position_embeddings=32, use_cache=False,
+                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
 
 
 def make_batch(n: int = 4, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:

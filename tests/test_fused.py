@@ -6,6 +6,7 @@ comparisons are to fp32 rounding (fp32) or bf16 rounding (under autocast), never
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -15,7 +16,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adarank
-from adarank.fused import ALIGN, _factors, _mm
+from adarank.fused import (
+    ALIGN,
+    Adapter,
+    _factors,
+    _mm,
+    adapted_linears,
+    grads_into_buffers,
+)
 from adarank.layers import LoraLinear, SVDLinear
 
 
@@ -233,3 +241,105 @@ def test_fused_layers_compile_without_graph_breaks(cls):
     assert torch._dynamo.explain(m)(x).graph_break_count == 0
     compiled = torch.compile(m, backend="aot_eager")
     torch.testing.assert_close(compiled(x), m(x))
+
+
+# ---- groups of adapters on one input (adapted_linears) and gradients into buffers -------------------
+def _adapter(kind: str, d_in: int, d_out: int, r: int, bias: bool, transposed: bool, seed: int) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_in, d_out, generator=g) if transposed else torch.randn(d_out, d_in, generator=g)
+    b = torch.randn(d_out, generator=g) if bias else None
+    p1 = torch.randn(r, d_in, generator=g).requires_grad_()
+    p2 = torch.randn(d_out, r, generator=g).requires_grad_()
+    lam = torch.randn(r, generator=g).requires_grad_() if kind == "svd" else None
+    return Adapter(w, b, kind, p1, p2, lam, 0.7, transposed)
+
+
+def _reference(a: Adapter, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The unfused computation of one adapter, by the definition of ΔW."""
+    w = a.weight.t() if a.transposed else a.weight
+    y = x @ w.t() + (a.bias if a.bias is not None else 0)
+    if a.kind == "lora":
+        return y + (h @ a.p1.t()) @ (a.scale * a.p2).t()
+    return y + (h @ (a.p1 * (a.lam * a.scale)[:, None]).t()) @ a.p2.t()
+
+
+GROUP = [("lora", 20, 3, True, False), ("svd", 8, 12, False, False), ("lora", 5, 8, False, True), ("svd", 20, 0, True, False)]
+
+
+def _leaves(ads: list[Adapter]) -> list[torch.Tensor]:
+    return [t for a in ads for t in (a.p1, a.p2, a.lam) if t is not None and t.requires_grad]
+
+
+@pytest.mark.parametrize("same_input", [True, False])
+def test_a_group_equals_its_adapters_by_definition(same_input):
+    """LoRA and SVD adapters of different widths and ranks (one padded, one at rank 0), with and without
+    bias, one with a Conv1D-style (in, out) weight, computed as one group: every output and every
+    gradient (input, adapter input, factors, λ) matches each adapter computed alone by its definition."""
+    ads = [_adapter(k, 12, o, r, b, t, seed=i) for i, (k, o, r, b, t) in enumerate(GROUP)]
+    ads[3] = ads[3]._replace(p1=ads[3].p1.detach(), p2=ads[3].p2.detach(), lam=ads[3].lam.detach())  # rank 0: frozen
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    h = x if same_input else torch.randn(2, 5, 12, requires_grad=True)
+    ys = adapted_linears(x, h, ads)
+    refs = [_reference(a, x, h) for a in ads]
+    for y, ref in zip(ys, refs):
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    gys = [torch.randn_like(r) for r in refs]
+    ins = [x] + ([] if same_input else [h]) + _leaves(ads)
+    got = torch.autograd.grad(ys, ins, gys)
+    want = torch.autograd.grad(refs, ins, gys)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_a_group_gives_nothing_to_an_adapter_whose_output_is_unused():
+    ads = [_adapter("lora", 12, 20, 4, False, False, seed=i) for i in range(3)]
+    x = torch.randn(6, 12, requires_grad=True)
+    ys = adapted_linears(x, x, ads)
+    (ys[0].sum() + ys[2].square().sum()).backward()
+    assert ads[1].p1.grad is None and ads[1].p2.grad is None
+    ref = _reference(ads[0], x, x).sum() + _reference(ads[2], x, x).square().sum()
+    want = torch.autograd.grad(ref, [x, ads[0].p1, ads[2].p2])
+    torch.testing.assert_close(ads[0].p1.grad, want[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ads[2].p2.grad, want[2], rtol=1e-4, atol=1e-4)
+
+
+def _accumulation_adds(backward) -> int:
+    """How many adds autograd's gradient accumulation (AccumulateGrad) runs during `backward()`."""
+    with torch.profiler.profile() as prof:
+        backward()
+    return sum(c.name == "aten::add_" for e in prof.events() if e.name == "torch::autograd::AccumulateGrad"
+               for c in e.cpu_children)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("kind", ["lora", "svd"])
+@pytest.mark.parametrize("into", [False, True])
+def test_grads_into_buffers_adds_into_existing_grads_itself(kind, n, into):
+    """Inside grads_into_buffers, a parameter with a .grad gets its gradient added there by the layer
+    itself, so autograd's accumulation adds nothing; a parameter whose .grad is None gets its gradient
+    through autograd as usual. Outside, autograd adds into every existing .grad (the control)."""
+    ads = [_adapter(kind, 12, 20, 8 if i else 5, False, False, seed=i) for i in range(n)]
+    x = torch.randn(7, 12, requires_grad=True)
+    gys = [torch.randn(7, 20) for _ in ads]
+    want = torch.autograd.grad(list(adapted_linears(x, x, ads)), _leaves(ads), gys)
+    leaves = _leaves(ads)
+    for i, p in enumerate(leaves):
+        if i % 4 != 3:  # every fourth parameter keeps .grad None
+            p.grad = torch.full_like(p, 0.5)
+    with grads_into_buffers() if into else contextlib.nullcontext():
+        ys = adapted_linears(x, x, ads)
+    adds = _accumulation_adds(lambda: torch.autograd.backward(list(ys), gys))
+    for i, (p, w) in enumerate(zip(leaves, want)):
+        torch.testing.assert_close(p.grad, w if i % 4 == 3 else w + 0.5, rtol=1e-4, atol=1e-4)
+    assert adds == (0 if into else sum(i % 4 != 3 for i in range(len(leaves))))
+
+
+def test_grads_into_buffers_is_read_when_the_forward_runs():
+    ads = [_adapter("lora", 12, 20, 4, False, False, seed=0)]
+    x = torch.randn(3, 12)
+    ads[0].p1.grad = torch.zeros_like(ads[0].p1)
+    ads[0].p2.grad = torch.zeros_like(ads[0].p2)
+    with grads_into_buffers():
+        y = adapted_linears(x, x, ads)[0]
+    assert _accumulation_adds(lambda: y.sum().backward()) == 0  # outside the context, but the forward ran inside
+    assert ads[0].p1.grad.abs().sum() > 0

@@ -50,11 +50,11 @@ def test_graphed_step_refuses_without_cuda(monkeypatch):
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------------
-def _rig(graphed: bool, dev: torch.device):
+def _rig(graphed: bool, dev: torch.device, fused: bool = False):
     """Tiny BERT with SVD adapters, allocator, orth gradient, clipping, capturable fused AdamW with a
     decaying tensor lr: everything train.py's graphed step holds."""
     model = tiny_bert(layers=2).to(dev).train()
-    adarank.inject(model, "svd", r=4, alpha=4.0, targets=BERT_TARGETS)
+    adarank.inject(model, "svd", r=4, alpha=4.0, targets=BERT_TARGETS, fused=fused)
     named = adarank.svd_adapters(model)
     layers = [m for _, m in named]
     for m in layers:  # λ = 0 at init gives P and Q no gradient; start from a non-zero λ
@@ -80,8 +80,8 @@ def _rig(graphed: bool, dev: torch.device):
     return model, opt, sched, lrs, alloc, loss_of, update, graphs
 
 
-def _train(graphed: bool, batches, dev, shrink_at: int | None = None):
-    model, opt, sched, lrs, alloc, loss_of, update, graphs = _rig(graphed, dev)
+def _train(graphed: bool, batches, dev, shrink_at: int | None = None, fused: bool = False):
+    model, opt, sched, lrs, alloc, loss_of, update, graphs = _rig(graphed, dev, fused)
     params = [p for p in model.parameters() if p.requires_grad]
     losses, snaps = [], []
     for i in range(0, len(batches), 2):
@@ -131,6 +131,22 @@ def test_graphed_training_matches_eager_training_bit_for_bit():
     for step, (a, b) in enumerate(zip(eager, graphed)):
         for name in a:
             assert torch.equal(a[name], b[name]), (step, name)
+
+
+@cuda
+@pytest.mark.parametrize("shrink_at", [None, 0])
+def test_graphed_fused_training_matches_eager_fused_training(shrink_at):
+    """With method.fused, the graphed step groups query and value (adarank/siblings.py) and accumulates
+    the adapters' gradients in their GEMMs (grads_into_buffers), while the eager step hands them to
+    autograd: equal up to the rounding of those sums, through a shrink too."""
+    dev = torch.device("cuda")
+    batches = _batches(dev, 12)
+    eager_losses, eager, _ = _train(False, batches, dev, shrink_at, fused=True)
+    graph_losses, graphed, graphs = _train(True, batches, dev, shrink_at, fused=True)
+    assert graph_losses == pytest.approx(eager_losses, rel=2e-3, abs=1e-4)
+    assert eager[-1].keys() == graphed[-1].keys()
+    for name in eager[-1]:
+        torch.testing.assert_close(eager[-1][name], graphed[-1][name], rtol=2e-3, atol=2e-4, msg=name)
 
 
 @cuda

@@ -1,29 +1,35 @@
-"""A/B of adapted-linear implementations on W2's layer shapes, replayed as one CUDA graph.
+"""A/B of adapted-linear implementations on a workload's layer shapes, replayed as one CUDA graph.
 
-    python experiments/bench/layer_ab.py [--out FILE.json] [--reps 30] [--profile DIR]
+    python experiments/bench/layer_ab.py [--workload W2|W3] [--impls ...] [--out FILE.json] [--reps 30] [--profile DIR]
 
-Builds the 154 adapted matrices of W2 (22 blocks x q, k, v, o, gate, up, down; hidden 2048, kv 256,
-intermediate 5632) on 8 x 1024 tokens, with frozen bf16 base weights and fp32 adapters under bf16 autocast,
-as `bench.py` does. One "step" is the forward of every matrix, then one backward from fixed output gradients
-into the inputs and the adapters' persistent gradients. Each implementation's step is captured as a CUDA
-graph and replayed; the median replay time of each is reported in one process on one GPU, with "base" (the
-frozen linears alone) as the floor. Implementations are interleaved round by round, so drift affects all alike.
+Builds the adapted matrices of bench.py's W2 (22 blocks; hidden 2048, kv 256, intermediate 5632) or W3 (80 blocks;
+hidden 1024, kv 256, intermediate 2816), each block's q, k, v, o, gate, up and down, on 8 x 1024 tokens, with
+frozen bf16 base weights and fp32 adapters under bf16 autocast, as `bench.py` does. Each block has four input
+tensors, as in the model: q, k and v read one, o another, gate and up a third, down the fourth. One "step" is the
+forward of every matrix, then one backward from fixed output gradients into the inputs and the adapters'
+persistent gradients. Each implementation's step is captured as a CUDA graph and replayed; the median replay
+time of each is reported in one process on one GPU, with "base" (the frozen linears alone) as the floor.
+Implementations are interleaved round by round, so drift affects all alike.
 
-It isolates the adapter's matmuls and per-layer kernels from the rest of the model: attention, norms and the
+It isolates the adapters' matmuls and per-layer kernels from the rest of the model: attention, norms and the
 optimizer are not in it. `bench.py` measures the whole step.
 
-Implementations (`--impls`): base; unfused (the default layers' computation: base, two thin matmuls, an add);
-fused (adarank/fused.py as it is); prev, swap, lean, swap_lean (`_Cand`: the fused layer of commit ec6eade and
-the two changes that replaced it, alone and together). `rel_grad_diff_vs_unfused` is the largest difference
-between an implementation's gradients and the unfused ones (x's and the first adapters' parameters'), relative
-to that tensor's largest entry. In results/bench/layer_ab_w2.json it is the same for the previous and the new
-fused layer (5.4% LoRA, 3.9% SVD); which tensor sets it was not recorded (x.grad is bf16 and sums the
-contributions of 132 matrices, the likeliest).
+Implementations (`--impls`):
+- base; unfused (the default layers' computation: base, two thin matmuls, an add);
+- fused: adarank/fused.py one matrix at a time (`adapted_linear`), gradients handed to autograd;
+- grouped: q, k, v and gate, up each as one `adapted_linears` call, as adarank/siblings.py groups them;
+- fused_into, grouped_into: the same inside `grads_into_buffers()`, as the CUDA-graph step runs them (the
+  gradients accumulate in the GEMMs);
+- prev, swap, lean, swap_lean (`_Cand`): the fused layer of commit ec6eade and the two changes that replaced it
+  at commit b882deb, alone and together (the record of attempt 5).
+`rel_grad_diff_vs_unfused` is the largest difference between an implementation's gradients and the unfused ones
+(the first adapters' parameters' and the first block's inputs'), relative to that tensor's largest entry.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,46 +41,81 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from adarank import fused
 
-H, KV, I, BLOCKS, TOKENS = 2048, 256, 5632, 22, 8 * 1024
-SHAPES = [(H, H), (H, KV), (H, KV), (H, H), (H, I), (H, I), (I, H)]  # (in, out) per target type
+#: (hidden, kv width, intermediate, blocks) of bench.py's Llama workloads
+SHAPES_OF = {"W2": (2048, 256, 5632, 22), "W3": (1024, 256, 2816, 80)}
+TOKENS = 8 * 1024
+#: the seven target types: (name, which of the block's inputs it reads, in width, out width) as functions of
+#: (H, KV, I); q, k and v read the attention's input, gate and up the MLP's, as in the model
+TYPES = [("q", "attn"), ("k", "attn"), ("v", "attn"), ("o", "o"), ("gate", "mlp"), ("up", "mlp"), ("down", "down")]
 
 
-def make_layers(kind: str, r: int, dev: torch.device) -> list[dict]:
+def dims(t: str, H: int, KV: int, I: int) -> tuple[int, int]:
+    return {"q": (H, H), "k": (H, KV), "v": (H, KV), "o": (H, H), "gate": (H, I), "up": (H, I), "down": (I, H)}[t]
+
+
+def make_layers(kind: str, r: int, dev: torch.device, shapes: tuple[int, int, int, int]) -> list[dict]:
+    H, KV, I, blocks = shapes
     layers = []
     g = torch.Generator(device="cpu").manual_seed(0)
-    for _ in range(BLOCKS):
-        for d_in, d_out in SHAPES:
+    for blk in range(blocks):
+        for t, src in TYPES:
+            d_in, d_out = dims(t, H, KV, I)
             w = (torch.randn(d_out, d_in, generator=g) * 0.02).to(dev, torch.bfloat16)
             p1 = torch.nn.Parameter((torch.randn(r, d_in, generator=g) * 0.02).to(dev))
             p2 = torch.nn.Parameter((torch.randn(d_out, r, generator=g) * 0.02).to(dev))
             lam = torch.nn.Parameter((torch.randn(r, generator=g) * 0.1).to(dev)) if kind == "svd" else None
-            layers.append({"w": w, "p1": p1, "p2": p2, "lam": lam, "d_in": d_in, "d_out": d_out})
+            layers.append({"w": w, "p1": p1, "p2": p2, "lam": lam, "d_in": d_in, "d_out": d_out, "blk": blk, "src": src})
     return layers
+
+
+def make_inputs(dev: torch.device, shapes: tuple[int, int, int, int]) -> list[dict[str, torch.Tensor]]:
+    """Per block, the four tensors its matrices read (leaves, so backward writes their gradients)."""
+    H, _, I, blocks = shapes
+    return [{src: torch.randn(TOKENS, I if src == "down" else H, device=dev, dtype=torch.bfloat16, requires_grad=True)
+             for src in ("attn", "o", "mlp", "down")} for _ in range(blocks)]
 
 
 def params(layers: list[dict]) -> list[torch.nn.Parameter]:
     return [p for L in layers for p in (L["p1"], L["p2"], L["lam"]) if p is not None]
 
 
-def step_fn(impl: str, kind: str, layers: list[dict], x: torch.Tensor, x2: torch.Tensor, gys: list[torch.Tensor]):
+def step_fn(impl: str, kind: str, layers: list[dict], xs: list[dict[str, torch.Tensor]], gys: list[torch.Tensor]):
     scale = 2.0
+    grouped = impl.startswith("grouped")
+    into = impl.endswith("_into")
+
+    def one(L):
+        inp = xs[L["blk"]][L["src"]]
+        if impl == "base":
+            return F.linear(inp, L["w"])
+        if impl == "unfused":
+            y = F.linear(inp, L["w"])
+            if kind == "lora":
+                d = F.linear(F.linear(inp, L["p1"]), L["p2"] * scale)
+            else:
+                d = F.linear(F.linear(inp, L["p1"] * (L["lam"] * scale)[:, None]), L["p2"])
+            return y + d
+        fn = fused.adapted_linear if impl in ("fused", "fused_into", "grouped", "grouped_into") else IMPLS[impl]
+        return fn(inp, inp, L["w"], None, kind, L["p1"], L["p2"], L["lam"], scale)
 
     def step():
         ys = []
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            for L in layers:
-                inp = x if L["d_in"] == H else x2
-                if impl == "base":
-                    ys.append(F.linear(inp, L["w"]))
-                elif impl == "unfused":
-                    y = F.linear(inp, L["w"])
-                    if kind == "lora":
-                        d = F.linear(F.linear(inp, L["p1"]), L["p2"] * scale)
-                    else:
-                        d = F.linear(F.linear(inp, L["p1"] * (L["lam"] * scale)[:, None]), L["p2"])
-                    ys.append(y + d)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
+            if into:
+                stack.enter_context(fused.grads_into_buffers())
+            i = 0
+            while i < len(layers):
+                L = layers[i]
+                members = [M for M in layers[i:i + 3] if M["blk"] == L["blk"] and M["src"] == L["src"]]
+                if grouped and len(members) > 1:
+                    inp = xs[L["blk"]][L["src"]]
+                    ads = [fused.Adapter(M["w"], None, kind, M["p1"], M["p2"], M["lam"], scale) for M in members]
+                    ys += fused.adapted_linears(inp, inp, ads)
+                    i += len(members)
                 else:
-                    ys.append(IMPLS[impl](inp, inp, L["w"], None, kind, L["p1"], L["p2"], L["lam"], scale))
+                    ys.append(one(L))
+                    i += 1
         torch.autograd.backward(ys, gys)
 
     return step
@@ -169,23 +210,25 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile")
-    ap.add_argument("--impls", default="base,unfused," + ",".join(IMPLS))
+    ap.add_argument("--impls", default="base,unfused,fused,grouped,fused_into,grouped_into")
+    ap.add_argument("--workload", choices=sorted(SHAPES_OF), default="W2")
     args = ap.parse_args()
     dev = torch.device("cuda")
     impls = args.impls.split(",")
-    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": TOKENS,
-                 "matrices": BLOCKS * len(SHAPES), "ms": {}}
+    shapes = SHAPES_OF[args.workload]
+    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "workload": args.workload,
+                 "tokens": TOKENS, "matrices": shapes[3] * len(TYPES), "ms": {}}
     for kind, r in (("lora", 8), ("svd", 12)):
-        layers = make_layers(kind, r, dev)
+        layers = make_layers(kind, r, dev, shapes)
         ps = params(layers)
-        x = torch.randn(TOKENS, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        x2 = torch.randn(TOKENS, I, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        xs = make_inputs(dev, shapes)
+        leaves = [t for d in xs for t in d.values()]
         gys = [torch.randn(TOKENS, L["d_out"], device=dev, dtype=torch.bfloat16) * 1e-3 for L in layers]
         graphs, grads_of = {}, {}
-        for p in ps + [x, x2]:  # persistent gradient buffers: every graph accumulates into them
+        for p in ps + leaves:  # persistent gradient buffers: every graph accumulates into them
             p.grad = torch.zeros_like(p)
         for impl in impls:
-            fn = step_fn(impl, kind, layers, x, x2, gys)
+            fn = step_fn(impl, kind, layers, xs, gys)
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -196,11 +239,11 @@ def main() -> None:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 fn()
-            for p in ps + [x, x2]:
+            for p in ps + leaves:
                 p.grad.zero_()
             g.replay()
             torch.cuda.synchronize()
-            grads_of[impl] = [p.grad.float().clone() for p in ps[:6]] + [x.grad.float().clone()]
+            grads_of[impl] = [p.grad.float().clone() for p in ps[:9]] + [t.grad.float().clone() for t in leaves[:4]]
             graphs[impl] = g
         ref = grads_of.get("unfused")
         check = {}
