@@ -66,6 +66,19 @@ def tiny_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
+def adamw_curve(model: nn.Module, batches: list[dict[str, torch.Tensor]], lr: float = 1e-2) -> list[float]:
+    """Train `model`'s trainable parameters with AdamW, one step per batch; the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    curve = []
+    for b in batches:
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        curve.append(loss.item())
+    return curve
+
+
 def make_batch(n: int = 4, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, seq), generator=g)

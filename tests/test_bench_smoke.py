@@ -127,3 +127,31 @@ def test_layer_ab_candidates_compute_the_adapted_linear(kind, r, swap, lean):
     for got, want in zip(torch.autograd.grad(y, ins, gy), torch.autograd.grad(ref, ins, gy)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,r", [("lora", 8), ("svd", 12), ("lora", 5)])
+def test_layer_ab_steps_give_the_unfused_gradients(kind, r, monkeypatch):
+    """layer_ab.py's step for each implementation it times on a GPU (fused one by one, grouped as
+    adarank/siblings.py groups q/k/v and gate/up, and both inside grads_into_buffers), run on a CPU in fp32
+    on tiny shapes: every one leaves the unfused step's gradients in the persistent buffers."""
+    import torch
+
+    layer_ab = _bench_module(SCRIPT.with_name("layer_ab.py"), "layer_ab_script")
+    monkeypatch.setattr(layer_ab, "TOKENS", 32)
+    shapes = (16, 8, 24, 2)  # hidden, kv, intermediate, blocks
+    layers = layer_ab.make_layers(kind, r, torch.device("cpu"), shapes)
+    for L in layers:
+        L["w"] = L["w"].float()
+    xs = [{k: v.detach().float().requires_grad_() for k, v in d.items()}
+          for d in layer_ab.make_inputs(torch.device("cpu"), shapes)]
+    leaves = layer_ab.params(layers) + [t for d in xs for t in d.values()]
+    gys = [torch.randn(32, L["d_out"]) for L in layers]
+    got = {}
+    for impl in ("unfused", "fused", "grouped", "fused_into", "grouped_into"):
+        for p in leaves:
+            p.grad = torch.zeros_like(p)
+        layer_ab.step_fn(impl, kind, layers, xs, gys)()
+        got[impl] = [p.grad.clone() for p in leaves]
+    for impl, grads in got.items():
+        for a, b in zip(grads, got["unfused"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=impl)

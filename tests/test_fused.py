@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import BERT_TARGETS, make_batch, tiny_bert
+from conftest import BERT_TARGETS, adamw_curve, make_batch, tiny_bert
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -150,17 +150,7 @@ def test_fused_model_trains_like_the_unfused_one():
             torch.nn.init.normal_(layer.lam, std=0.5)
         models.append(m)
     assert all(layer.fused for _, layer in adarank.svd_adapters(models[1]))
-    losses = []
-    for m in models:
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        curve = []
-        for step in range(5):
-            loss = m(**make_batch(seed=step)).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            curve.append(loss.item())
-        losses.append(curve)
+    losses = [adamw_curve(m, [make_batch(seed=step) for step in range(5)]) for m in models]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     for (n, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)

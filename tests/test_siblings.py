@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, VOCAB, tiny_llama
+from conftest import LLAMA_TARGETS, VOCAB, adamw_curve, tiny_llama
 from torch import nn
 
 import adarank
@@ -59,18 +59,8 @@ def test_a_grouped_model_trains_like_the_unfused_one(kind):
     models = [_model(kind, fused=False), _model(kind, fused=True)]
     for m in models:
         m.train()
-    curves = []
-    for m in models:
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        curve = []
-        for step in range(4):
-            ids = _ids(step)
-            loss = m(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            curve.append(loss.item())
-        curves.append(curve)
+    batches = [{"input_ids": _ids(step), "labels": _ids(step)} for step in range(4)]
+    curves = [adamw_curve(m, batches) for m in models]
     assert curves[0] == pytest.approx(curves[1], rel=1e-5)
     for (n, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
