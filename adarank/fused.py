@@ -26,15 +26,21 @@ that is the adapter's dtype (a bf16 base with fp32 adapters and no autocast take
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 
+from . import kernels
+
 __all__ = ["ALIGN", "Adapter", "adapted_linear", "adapted_linears", "grads_into_buffers"]
 
 #: the rank dimension is padded to a multiple of this (16 bytes of bf16/fp16: tensor-core alignment)
 ALIGN = 8
+#: ... and of this where adarank/kernels.py computes the thin products: their tiles are 16 wide, and rows of
+#: 32 bytes let them load t, b and grad_t in whole vectors
+KERNEL_ALIGN = 16
 
 
 class Adapter(NamedTuple):
@@ -71,35 +77,49 @@ def grads_into_buffers() -> Iterator[None]:
         _INTO_GRAD = prev
 
 
-def _padded(r: int) -> int:
-    return r + (-r % ALIGN)
+def _padded(r: int, align: int = ALIGN) -> int:
+    return r + (-r % align)
 
 
-def _factors(kind: str, p1: torch.Tensor, p2: torch.Tensor, lam: torch.Tensor | None, scale: float,
-             dt: torch.dtype, a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(a, b, v): a and b in the compute dtype with the rank padded to ALIGN, one kernel per factor (the
-    cast and the scaling write straight into the padded buffer). LoRA (p1 = A, p2 = B): a = A,
-    b = scale·B, v None; SVD (p1 = Q, p2 = P): v = λ·scale, a = diag(v)·Q, b = P. `a`, if given, is the
-    (padded rank, in) buffer to write a into (a slice of a group's stacked factor); its padding rows
-    must already be zero."""
+def _a_factor(kind: str, p1: torch.Tensor, lam: torch.Tensor | None, scale: float,
+              a: torch.Tensor) -> torch.Tensor | None:
+    """Write the a factor into `a` ((padded rank, in) in the compute dtype, padding rows already zero) with
+    one kernel (cast and scaling in one); returns v. LoRA (p1 = A): a = A, v None; SVD (p1 = Q):
+    v = λ·scale, a = diag(v)·Q."""
     r = p1.shape[0]
-    rp = _padded(r)
-    if a is None:
-        a = p1.new_empty((rp, p1.shape[1]), dtype=dt)
-        if rp != r:
-            a[r:].zero_()
+    if kind == "lora":
+        a[:r].copy_(p1)
+        return None
+    v = lam * scale
+    torch.mul(p1, v[:, None], out=a[:r])
+    return v
+
+
+def _b_factor(kind: str, p2: torch.Tensor, scale: float, dt: torch.dtype, rp: int) -> torch.Tensor:
+    """The b factor in the compute dtype with the rank padded to rp, one kernel (plus one zeroing the
+    padding): LoRA (p2 = B): b = scale·B; SVD (p2 = P): b = P."""
+    r = p2.shape[1]
     b = p2.new_empty((p2.shape[0], rp), dtype=dt)
     if rp != r:
         b[:, r:].zero_()
-    v = None
     if kind == "lora":
-        a[:r].copy_(p1)
         torch.mul(p2, scale, out=b[:, :r])
     else:
-        v = lam * scale
-        torch.mul(p1, v[:, None], out=a[:r])
         b[:, :r].copy_(p2)
-    return a, b, v
+    return b
+
+
+def _factors(kind: str, p1: torch.Tensor, p2: torch.Tensor, lam: torch.Tensor | None, scale: float,
+             dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(a, b, v) of one adapter, each factor in the compute dtype with the rank padded to ALIGN (see
+    `_a_factor` and `_b_factor`)."""
+    r = p1.shape[0]
+    rp = _padded(r)
+    a = p1.new_empty((rp, p1.shape[1]), dtype=dt)
+    if rp != r:
+        a[r:].zero_()
+    v = _a_factor(kind, p1, lam, scale, a)
+    return a, _b_factor(kind, p2, scale, dt, rp), v
 
 
 #: torch.mm / torch.addmm take `out_dtype` (torch >= 2.8; CUDA): a bf16 GEMM can write fp32 directly
@@ -152,9 +172,14 @@ class _AdaptedLinears(torch.autograd.Function):
         n = len(meta)
         ws, biases, p1s, p2s, lams = (tensors[k::5] for k in range(5))
         x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+        use_k = kernels.available(x2)  # the thin products in adarank/kernels.py (decided once, for backward too)
         ranks = [p1.shape[0] for p1 in p1s]
-        offs = [sum(_padded(r) for r in ranks[:i]) for i in range(n)]
-        width = sum(_padded(r) for r in ranks)
+        # per adapter: do the kernels compute its thin products? The forward's reads b's parameter itself and
+        # writes backward's padded bf16 b on the way, so preparing b costs no kernel of its own
+        ks = [use_k and r <= kernels.MAX_RANK and p2.stride(-1) == 1 for r, p2 in zip(ranks, p2s)]
+        pads = [_padded(r, KERNEL_ALIGN if k else ALIGN) for r, k in zip(ranks, ks)]
+        offs = [0, *itertools.accumulate(pads)][:n]
+        width = sum(pads)
         bs, vs = [None] * n, [None] * n
         a_all = t_all = None
         if width:
@@ -162,20 +187,24 @@ class _AdaptedLinears(torch.autograd.Function):
             a_all = (h2.new_zeros if width != sum(ranks) else h2.new_empty)((width, h2.shape[1]))
             for i, (kind, scale) in enumerate(meta):
                 if ranks[i]:
-                    a = a_all[offs[i]:offs[i] + _padded(ranks[i])]
-                    _, bs[i], vs[i] = _factors(kind, p1s[i], p2s[i], lams[i], scale, x.dtype, a)
+                    vs[i] = _a_factor(kind, p1s[i], lams[i], scale, a_all[offs[i]:offs[i] + pads[i]])
+                    bs[i] = (p2s[i].new_empty((p2s[i].shape[0], pads[i]), dtype=x.dtype) if ks[i]
+                             else _b_factor(kind, p2s[i], scale, x.dtype, pads[i]))
             t_all = torch.mm(h2, a_all.t())  # (N, R): the input is read once for the whole group
         ys = []
         for i in range(n):
             w, bias = ws[i], biases[i]
             if ranks[i]:
-                t = t_all[:, offs[i]:offs[i] + _padded(ranks[i])]
-                y = torch.mm(t, bs[i].t()) if bias is None else torch.addmm(bias, t, bs[i].t())
+                t = t_all[:, offs[i]:offs[i] + pads[i]]
+                if ks[i]:
+                    y = kernels.lowrank_out(t, p2s[i], bias, _b_scale(meta[i]), b_out=bs[i])
+                else:
+                    y = torch.mm(t, bs[i].t()) if bias is None else torch.addmm(bias, t, bs[i].t())
                 y.addmm_(x2, w.t())
             else:  # an SVD adapter pruned to rank 0: the base alone
                 y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
             ys.append(y.view(*x.shape[:-1], w.shape[0]))
-        ctx.meta, ctx.ranks, ctx.offs, ctx.same_input = meta, ranks, offs, h is x
+        ctx.meta, ctx.ranks, ctx.pads, ctx.offs, ctx.same_input, ctx.ks = meta, ranks, pads, offs, h is x, ks
         ctx.set_materialize_grads(False)  # an output nobody used gets None, not zeros: its adapter is skipped
         # the parameters themselves, so that backward can reach their .grad (only inside grads_into_buffers)
         ctx.into = (p1s, p2s, lams) if _INTO_GRAD else None
@@ -185,7 +214,7 @@ class _AdaptedLinears(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        meta, ranks, offs, n = ctx.meta, ctx.ranks, ctx.offs, len(ctx.meta)
+        meta, ranks, pads, offs, n = ctx.meta, ctx.ranks, ctx.pads, ctx.offs, len(ctx.meta)
         saved = ctx.saved_tensors
         h, a_all, t_all = saved[:3]
         ws, bs, vs, p1s = (saved[3 + k * n:3 + (k + 1) * n] for k in range(4))
@@ -204,21 +233,43 @@ class _AdaptedLinears(torch.autograd.Function):
             return p if p.grad is not None else None
 
         need_in = need[0] or need[1]
-        grad_t = None
-        if a_all is not None and any(live) and (need_in or any(w[0] for w, l in zip(wants, live) if l)):
-            grad_t = t_all.new_empty(t_all.shape)
-            for i in range(n):
-                if ranks[i]:
-                    sl = slice(offs[i], offs[i] + _padded(ranks[i]))
-                    if gs[i] is None:
-                        grad_t[:, sl].zero_()
-                    else:
-                        torch.mm(gs[i], bs[i], out=grad_t[:, sl])
         a_side = [i for i in range(n) if live[i] and wants[i][0]]
-        if len(a_side) == 1 and n == 1 and meta[0][0] == "lora" and into(0, 0) is not None:
-            # one LoRA adapter: its A gradient accumulates straight into A.grad
-            i, r = 0, ranks[0]
-            _mm(grad_t[:, :r].t(), h2, ctx.dtypes[0][0], acc=into(0, 0).grad)
+        grad_t = None
+        if a_all is not None and any(live) and (need_in or a_side):
+            grad_t = t_all.new_empty(t_all.shape)
+        # grad_t = g·b and the b side's gradient gᵀ·t, per adapter (one pass over g where the kernels serve)
+        for i in range(n):
+            if not ranks[i]:
+                continue
+            span = slice(offs[i], offs[i] + pads[i])
+            gt = grad_t[:, span] if grad_t is not None else None
+            if gs[i] is None:
+                if gt is not None:
+                    gt.zero_()
+                continue
+            t = t_all[:, offs[i]:offs[i] + ranks[i]]
+            alpha = _b_scale(meta[i])  # LoRA's b = scale·B: its gradient is scale·gᵀ·t
+            p2 = into(1, i)
+            gb = p2.grad if p2 is not None else None
+            want_b = wants[i][1]
+            if ctx.ks[i]:  # both products in one pass over g (gᵀ·t through cuBLAS if its gradient is not fp32)
+                k_gb = want_b and _fp32_rows(ctx.dtypes[i][1], gb)
+                if k_gb and gb is None:
+                    gb = out[5 * i + 3] = torch.zeros((gs[i].shape[1], ranks[i]), dtype=torch.float32,
+                                                      device=gs[i].device)
+                kernels.lowrank_grads(gs[i], bs[i], t_all[:, span], gt, gb if k_gb else None, alpha)
+                want_b = want_b and not k_gb
+            elif gt is not None:
+                torch.mm(gs[i], bs[i], out=gt)
+            if want_b:
+                if gb is None:
+                    out[5 * i + 3] = _mm(gs[i].t(), t, ctx.dtypes[i][1], alpha)
+                else:
+                    _mm(gs[i].t(), t, ctx.dtypes[i][1], alpha, acc=gb)
+        if len(a_side) == 1 and meta[a_side[0]][0] == "lora" and into(0, a_side[0]) is not None:
+            # one LoRA adapter wants its A gradient: it accumulates straight into A.grad
+            i = a_side[0]
+            _mm(grad_t[:, offs[i]:offs[i] + ranks[i]].t(), h2, ctx.dtypes[i][0], acc=into(0, i).grad)
             a_side = []
         if a_side:
             grad_a = _mm(grad_t.t(), h2, ctx.dtypes[a_side[0]][0])  # (R, in): the input is read once
@@ -241,16 +292,6 @@ class _AdaptedLinears(torch.autograd.Function):
                         out[5 * i + 4] = gl.mul_(scale)
                     else:
                         lam.grad.add_(gl, alpha=scale)
-        for i in range(n):
-            if live[i] and wants[i][1]:  # LoRA's b = scale·B: the GEMM applies the scale
-                kind, scale = meta[i]
-                t = t_all[:, offs[i]:offs[i] + ranks[i]]
-                p2 = into(1, i)
-                alpha = scale if kind == "lora" else 1.0
-                if p2 is None:
-                    out[5 * i + 3] = _mm(gs[i].t(), t, ctx.dtypes[i][1], alpha)
-                else:
-                    _mm(gs[i].t(), t, ctx.dtypes[i][1], alpha, acc=p2.grad)
         grad_x = grad_h = None
         if ctx.same_input and need_in:
             grad_x = _input_grad(gs, ws, grad_t, a_all)
@@ -262,6 +303,18 @@ class _AdaptedLinears(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.view(*h.shape[:-1], -1)
         return (grad_x, grad_h, None, *out)
+
+
+def _b_scale(meta: tuple[str, float]) -> float:
+    """The factor between b and its parameter: LoRA's b = scale·B, SVD's b = P."""
+    kind, scale = meta
+    return scale if kind == "lora" else 1.0
+
+
+def _fp32_rows(dtype: torch.dtype, grad: torch.Tensor | None) -> bool:
+    """Whether kernels.lowrank_grads can produce a gradient of this dtype (fp32), adding into `grad` if
+    given (an fp32 tensor with contiguous rows)."""
+    return dtype == torch.float32 and (grad is None or (grad.dtype == torch.float32 and grad.is_contiguous()))
 
 
 def _input_grad(gs: Sequence[torch.Tensor | None], ws: Sequence[torch.Tensor], grad_t: torch.Tensor | None,

@@ -71,7 +71,12 @@ class _Adapter(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def _fusable(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    @property
+    def param_dtype(self) -> torch.dtype:  # pragma: no cover - overridden
+        """The adapter's parameters' dtype."""
+        raise NotImplementedError
+
+    def _fusable(self, x: torch.Tensor) -> bool:
         """The fused path returns no gradient for the base, so it serves only while the base is frozen;
         and it computes in one dtype, so without autocast only when the input has the adapter's dtype
         (the unfused path computes the adapter in its own dtype, e.g. fp32 next to a bf16 base).
@@ -81,17 +86,21 @@ class _Adapter(nn.Module):
         b = self.base.bias
         if self.base.weight.requires_grad or (b is not None and b.requires_grad) or torch.compiler.is_compiling():
             return False
-        return x.dtype == dtype or torch.is_autocast_enabled(x.device.type)
+        return x.dtype == self.param_dtype or torch.is_autocast_enabled(x.device.type)
+
+    def _dropout_idle(self) -> bool:
+        """No dropout at work: a group shares one input, while dropout draws a mask per adapter."""
+        return isinstance(self.dropout, nn.Identity) or not self.training
 
     def groupable(self, x: torch.Tensor) -> bool:
         """Whether this adapter can be computed in a group call on x: fused, unmerged, fusable, and with no
-        dropout at work (a group shares one input, while dropout draws a mask per adapter)."""
-        return (self.fused and not self.merged and self._fusable(x, self.as_adapter().p1.dtype)
-                and (isinstance(self.dropout, nn.Identity) or not self.training))
+        dropout at work."""
+        return self.fused and not self.merged and self._fusable(x) and self._dropout_idle()
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused path: with the siblings' group when they share x, else alone."""
-        if self.siblings is not None and self.groupable(x):
+        """The fused path (the caller checked fused, merged and `_fusable`): with the siblings' group when
+        they share x, else alone."""
+        if self.siblings is not None and self._dropout_idle():
             y = self.siblings.output(self, x)
             if y is not None:
                 return y
@@ -162,7 +171,7 @@ class LoraLinear(_Adapter):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and not self.merged and self._fusable(x, self.lora_A.dtype):
+        if self.fused and not self.merged and self._fusable(x):
             return self._fused_forward(x)
         y = self.base(x)
         if self.merged:
@@ -171,6 +180,10 @@ class LoraLinear(_Adapter):
         # the scale goes into the (out, r) factor: a weight-sized multiply, not a token-sized one
         d = F.linear(F.linear(h, self.lora_A), self.lora_B * self.scale)
         return y + d.to(y.dtype)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.lora_A.dtype
 
     def as_adapter(self) -> Adapter:
         return Adapter(self.base.weight, self.base.bias, "lora", self.lora_A, self.lora_B, None, self.scale,
@@ -221,7 +234,7 @@ class SVDLinear(_Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (a rank-0 adapter too: the fused function computes the base alone, and it may be in a group)
-        if self.fused and not self.merged and self._fusable(x, self.Q.dtype):
+        if self.fused and not self.merged and self._fusable(x):
             return self._fused_forward(x)
         y = self.base(x)
         if self.merged or self.r == 0:
@@ -231,6 +244,10 @@ class SVDLinear(_Adapter):
         # forward is LoRA's two thin matmuls plus one tiny op.
         d = F.linear(F.linear(h, self.Q * (self.lam * self.scale)[:, None]), self.P)
         return y + d.to(y.dtype)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.Q.dtype
 
     def as_adapter(self) -> Adapter:
         return Adapter(self.base.weight, self.base.bias, "svd", self.Q, self.P, self.lam, self.scale, self.transposed)

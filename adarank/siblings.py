@@ -80,7 +80,8 @@ class Siblings:
         return tuple(self.members[i] for i in g.positions) if g is not None else ()
 
     def output(self, m: _Member, x: torch.Tensor) -> torch.Tensor | None:
-        """m's output on x computed together with its group, or None: m computes alone."""
+        """m's output on x computed together with its group, or None: m computes alone. The caller has
+        checked that m itself is `groupable(x)`."""
         i = self._pos(m)
         if self.groups is None:
             self._observe(i, x)
@@ -97,7 +98,7 @@ class Siblings:
             self.dissolve()
             return None
         members = [self.members[j] for j in g.positions]
-        if not all(o.groupable(x) for o in members):
+        if not all(o is m or o.groupable(x) for o in members):
             return None
         ys = adapted_linears(x, x, [o.as_adapter() for o in members])
         g.pending = {j: y for j, y in zip(g.positions, ys) if j != i}

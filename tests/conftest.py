@@ -6,8 +6,16 @@ copy is wrapped by PEFT and one by adarank, and the tests compare them.
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Without a GPU, adarank/kernels.py's Triton kernels run in Triton's interpreter (fp16 only), so the CPU tests
+# cover them: this must be set before adarank (and with it Triton) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)

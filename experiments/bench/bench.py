@@ -271,17 +271,20 @@ def graph_rig(rig: Rig, amp: str) -> None:
         with torch.autocast(amp, dtype=torch.bfloat16, cache_enabled=False):
             return rig.fwd(**batch).loss
 
-    def update() -> torch.Tensor | None:
-        r = rig.grad_hook() if rig.grad_hook is not None else None
-        if rig.opt is not None:
-            rig.opt.step()
-        return r
-
     params = [p for g in rig.opt.param_groups for p in g["params"]] if rig.opt is not None else []
-    rig.graphs = GraphedStep(loss_of, update, params)
+    rig.graphs = GraphedStep(loss_of, lambda: update(rig), params)
 
 
 # ---- one step, and timing -----------------------------------------------------------------------
+def update(rig: Rig) -> torch.Tensor | None:
+    """The step's update after backward: the gradient hook (the orth regulariser's gradient), then the optimizer.
+    Returns what the hook returns."""
+    r = rig.grad_hook() if rig.grad_hook is not None else None
+    if rig.opt is not None:
+        rig.opt.step()
+    return r
+
+
 def train_step(rig: Rig, batch: dict, amp: str) -> None:
     """forward + loss (+ orth penalty) + backward + optimizer + allocator, as in adarank/train.py."""
     if rig.graphs is not None:
@@ -300,9 +303,7 @@ def train_step(rig: Rig, batch: dict, amp: str) -> None:
     loss.backward()
     if rig.opt is None:  # floor: nothing to update
         return
-    if rig.grad_hook is not None:
-        rig.grad_hook()
-    rig.opt.step()
+    update(rig)
     if rig.allocate is not None:
         rig.allocate()  # on the gradients of this step, before they are cleared
     rig.opt.zero_grad(set_to_none=True)

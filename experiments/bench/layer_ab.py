@@ -20,6 +20,8 @@ Implementations (`--impls`):
 - grouped: q, k, v and gate, up each as one `adapted_linears` call, as adarank/siblings.py groups them;
 - fused_into, grouped_into: the same inside `grads_into_buffers()`, as the CUDA-graph step runs them (the
   gradients accumulate in the GEMMs);
+- any of the fused ones with the suffix `_cublas`: adarank/kernels.py switched off, so the thin products run as
+  cuBLAS GEMMs (as before those kernels existed);
 - prev, swap, lean, swap_lean (`_Cand`): the fused layer of commit ec6eade and the two changes that replaced it
   at commit b882deb, alone and together (the record of attempt 5).
 `rel_grad_diff_vs_unfused` is the largest difference between an implementation's gradients and the unfused ones
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from adarank import fused
+from adarank import fused, kernels
 
 #: (hidden, kv width, intermediate, blocks) of bench.py's Llama workloads
 SHAPES_OF = {"W2": (2048, 256, 5632, 22), "W3": (1024, 256, 2816, 80)}
@@ -81,6 +83,8 @@ def params(layers: list[dict]) -> list[torch.nn.Parameter]:
 
 def step_fn(impl: str, kind: str, layers: list[dict], xs: list[dict[str, torch.Tensor]], gys: list[torch.Tensor]):
     scale = 2.0
+    cublas = impl.endswith("_cublas")
+    impl = impl.removesuffix("_cublas")
     grouped = impl.startswith("grouped")
     into = impl.endswith("_into")
 
@@ -95,11 +99,12 @@ def step_fn(impl: str, kind: str, layers: list[dict], xs: list[dict[str, torch.T
             else:
                 d = F.linear(F.linear(inp, L["p1"] * (L["lam"] * scale)[:, None]), L["p2"])
             return y + d
-        fn = fused.adapted_linear if impl in ("fused", "fused_into", "grouped", "grouped_into") else IMPLS[impl]
+        fn = IMPLS.get(impl, fused.adapted_linear)
         return fn(inp, inp, L["w"], None, kind, L["p1"], L["p2"], L["lam"], scale)
 
     def step():
         ys = []
+        kernels.enabled = not cublas
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
             if into:
@@ -117,6 +122,7 @@ def step_fn(impl: str, kind: str, layers: list[dict], xs: list[dict[str, torch.T
                     ys.append(one(L))
                     i += 1
         torch.autograd.backward(ys, gys)
+        kernels.enabled = True
 
     return step
 
