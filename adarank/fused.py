@@ -9,9 +9,12 @@ the input gradients) it saves work on token-sized tensors, which is what adapter
 - several adapted layers that read one input (q, k and v; gate and up: adarank/siblings.py) form one
   call: their factors are stacked, so the input is read once by the forward's thin matmul and once by
   the A-side gradient's, and their input gradients are summed in the base matmuls' epilogues;
-- the rank dimension is zero-padded to a multiple of 8, so the thin matmuls get tensor-core aligned
-  operands at any rank (an SVD adapter at rank 12, or after pruning, otherwise falls back to slow
-  kernels). Zero columns add exact zeros: the function is unchanged;
+- the rank dimension is zero-padded to a multiple of 8 (16 where the Triton kernels serve), so the thin
+  matmuls get tensor-core aligned operands at any rank (an SVD adapter at rank 12, or after pruning,
+  otherwise falls back to slow kernels). Zero columns add exact zeros: the function is unchanged;
+- on a GPU with Triton, the thin products on token-sized tensors run in adarank/kernels.py: the forward's
+  t·bᵀ in large tiles (its kernel reads b's parameter and writes backward's bf16 copy on the way), and
+  backward's grad_t = g·b with the b gradient gᵀ·t in one pass over g instead of two cuBLAS GEMMs;
 - each factor is cast, scaled and padded by one kernel, and on a GPU the parameters' fp32 gradients come
   straight out of the GEMMs (`out_dtype`), so a layer adds few tiny kernels to a step. Inside
   `grads_into_buffers()` (the CUDA-graph step) those GEMMs also add themselves into the existing `.grad`

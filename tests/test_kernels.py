@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from adarank import fused, kernels  # noqa: E402
-from adarank.fused import Adapter, adapted_linears, grads_into_buffers  # noqa: E402
+from adarank import fused, kernels
+from adarank.fused import Adapter, adapted_linears, grads_into_buffers
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.bfloat16, torch.float16] if DEV.type == "cuda" else [torch.float16]
