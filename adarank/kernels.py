@@ -43,14 +43,15 @@ enabled = True
 
 
 def available(*ts: torch.Tensor) -> bool:
-    """Whether the kernels serve these tensors: Triton present, on a GPU in half precision (under the
-    interpreter: fp16 on any device, as it multiplies bf16 blocks wrongly, seen with Triton 3.9), and no
-    deterministic algorithms asked for."""
+    """Whether the kernels serve these tensors: Triton present, in half precision on the current GPU (Triton
+    launches there, whatever device the tensors are on; under the interpreter: fp16 on any device, as it
+    multiplies bf16 blocks wrongly, seen with Triton 3.9), and no deterministic algorithms asked for."""
     if triton is None or not enabled or torch.are_deterministic_algorithms_enabled():
         return False
     if _INTERPRET:
         return all(t.dtype == torch.float16 for t in ts)
-    return all(t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) for t in ts)
+    return all(t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and t.device.index == torch.cuda.current_device()
+               for t in ts)
 
 
 def _rank_block(r: int) -> int:
@@ -115,7 +116,9 @@ GRADS_CONFIG = (64, 256, 8, 4)
 
 def lowrank_out(t: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, scale: float = 1.0,
                 b_out: torch.Tensor | None = None) -> torch.Tensor:
-    """t·(scale·b)ᵀ (+ bias) as a new (N, out) tensor in t's dtype, with scale·b rounded to t's dtype first (as
+    """(Both kernels launch on the current CUDA device: the tensors must be on it; see `available`.)
+
+    t·(scale·b)ᵀ (+ bias) as a new (N, out) tensor in t's dtype, with scale·b rounded to t's dtype first (as
     a cuBLAS path would round its factor). t: (N, R), rows may be strided (a column slice of a group's stacked
     t); b: (out, r) with r ≤ R, a parameter in any float dtype, contiguous rows (t's columns beyond r meet
     zeros). `b_out`, if given, an (out, R) tensor in t's dtype, receives that rounded scale·b, zero-padded:

@@ -149,6 +149,10 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     dist = dist_.setup(device.type)  # torchrun: one process per GPU; a no-op otherwise
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda" and device.index is not None:
+        # what launches on the current device (Triton's kernels in method.fused, for one) follows the model: a
+        # multirun job pinned to cuda:k would otherwise launch on cuda:0
+        torch.cuda.set_device(device)
     if not dist.is_main:
         log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
     check_cuda_graph(tc.cuda_graph, device, dist.world_size)

@@ -98,6 +98,15 @@ def test_deterministic_algorithms_switch_the_kernels_off():
     assert not kernels.available(x.float())  # fp32 never: the fused path computes in half precision there
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tensors_off_the_current_gpu_take_cublas(monkeypatch):
+    """Triton launches on the current device whatever device the tensors are on, so it must not serve others."""
+    x = torch.empty(4, 4, device=DEV, dtype=torch.bfloat16)
+    assert kernels.available(x)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: x.device.index + 1)
+    assert not kernels.available(x)
+
+
 def _group(seed: int, specs, param_dtype=torch.float32):
     """Adapters (kind, out, rank) on input width 48, with non-zero factors so every gradient flows."""
     g = torch.Generator().manual_seed(seed)
