@@ -87,6 +87,12 @@ def adamw_curve(model: nn.Module, batches: list[dict[str, torch.Tensor]], lr: fl
     return curve
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ over the whole tensor, in fp32: half-precision results are compared this way, since one
+    element's bf16 cancellation can make its own relative error large."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
 def make_batch(n: int = 4, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, seq), generator=g)

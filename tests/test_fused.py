@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import BERT_TARGETS, adamw_curve, make_batch, tiny_bert
+from conftest import BERT_TARGETS, adamw_curve, make_batch, rel_err, tiny_bert
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -100,14 +100,11 @@ def test_fused_under_bf16_autocast_matches_to_bf16_rounding(kind):
         out.append((y.float(), xi.grad, {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
     (y0, gx0, g0), (y1, gx1, g1) = out
 
-    def rel(a, b):  # relative error of the whole tensor: elementwise, bf16 cancellation can be large
-        return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-    assert rel(y1, y0) < 1e-2
-    assert rel(gx1, gx0) < 1e-2
+    assert rel_err(y1, y0) < 1e-2
+    assert rel_err(gx1, gx0) < 1e-2
     for n in g0:
         assert g1[n].dtype == g0[n].dtype == torch.float32  # gradients reach the fp32 parameters
-        assert rel(g1[n], g0[n]) < 1e-2, n
+        assert rel_err(g1[n], g0[n]) < 1e-2, n
 
 
 @pytest.mark.parametrize("r", [3, 8, 12])

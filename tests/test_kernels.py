@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 import torch
+from conftest import rel_err
 
 pytest.importorskip("triton")
 
@@ -18,10 +19,6 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.bfloat16, torch.float16] if DEV.type == "cuda" else [torch.float16]
 # (tokens, out, rank, padded width): widths the fused layer uses, sizes that are not multiples of the tiles
 SHAPES = [(200, 130, 8, 16), (64, 64, 12, 16), (100, 300, 3, 16), (70, 50, 20, 32), (33, 257, 16, 16)]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +46,7 @@ def test_lowrank_out_is_the_product_and_hands_back_the_rounded_padded_factor(dt,
     assert torch.equal(b_out, expected_b)  # every element written, padding exactly zero
     ref = t.float() @ expected_b.float().t() + (bias.float() if with_bias else 0)
     assert y.shape == (n, o) and y.dtype == dt
-    assert rel(y, ref) < 1e-2
+    assert rel_err(y, ref) < 1e-2
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -70,11 +67,11 @@ def test_lowrank_grads_reads_g_once_for_both_products(dt, shape, want):
     gb0 = gb.clone() if gb is not None else None
     kernels.lowrank_grads(gy, b, t, gt, gb, alpha=0.5)
     if gt is not None:
-        assert rel(gt, gy.float() @ b.float()) < 1e-2
+        assert rel_err(gt, gy.float() @ b.float()) < 1e-2
         assert torch.equal(gt[:, r:], torch.zeros_like(gt[:, r:]))  # g·0 in the padding columns
     assert torch.isnan(gt_buf[:, :width]).all() and torch.isnan(gt_buf[:, 2 * width:]).all()  # neighbours untouched
     if gb is not None:
-        assert rel(gb, gb0 + 0.5 * gy.float().t() @ t[:, :r].float()) < 1e-4  # accumulated in fp32
+        assert rel_err(gb, gb0 + 0.5 * gy.float().t() @ t[:, :r].float()) < 1e-4  # accumulated in fp32
 
 
 def test_lowrank_grads_rejects_targets_it_cannot_fill():
@@ -166,7 +163,7 @@ def test_fused_layer_with_kernels_matches_it_without(dt, group, into, monkeypatc
     assert calls == {"out": served, "grads": served}  # switched off: cuBLAS / torch only
     for a, b in zip(with_k, without):
         assert a.shape == b.shape
-        assert rel(a, b) < 2e-2
+        assert rel_err(a, b) < 2e-2
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -177,7 +174,7 @@ def test_half_precision_adapter_parameters_take_their_b_gradient_from_torch(dt):
     with_k = _run(specs, dt, True, False, param_dtype=dt)
     without = _run(specs, dt, False, False, param_dtype=dt)
     for a, b in zip(with_k, without):
-        assert a.dtype == b.dtype and rel(a, b) < 3e-2
+        assert a.dtype == b.dtype and rel_err(a, b) < 3e-2
 
 
 def test_the_padding_follows_the_kernels():
