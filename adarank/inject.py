@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .layers import LoraLinear, SVDLinear, is_adaptable
-from .siblings import link_siblings
+from .fast.siblings import link_siblings
 
 __all__ = ["find_targets", "inject", "adapters", "svd_adapters", "ParamReport", "param_report", "linear_names"]
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import Adapter, adapted_linear
+from .fast.fused import Adapter, adapted_linear
 
 try:  # transformers is a hard dependency, but keep the layers importable without it
     from transformers.pytorch_utils import Conv1D

@@ -31,7 +31,7 @@ from torch import nn
 import adarank
 from adarank.orth import OrthGrad
 from adarank.atomic import atomic_write_json, atomic_write_text
-from adarank.graphs import GraphedStep, bind_lr
+from adarank.fast.graphs import GraphedStep, bind_lr
 from adarank.layers import base_dims
 
 # ---- fixed hyper-parameters (the speed of a step does not depend on their values) ----------------
@@ -48,7 +48,7 @@ BUDGET_STEPS = 10_000
 VARIANTS = ("floor", "peft_lora", "peft_adalora", "lora", "rslora", "adalora", "adalora_final")
 COMPILABLE = ("floor", "lora", "rslora", "adalora", "adalora_final")  # ours (and the floor); the allocator stays eager
 #: the modes a variant name can end in: "+compile" (torch.compile of the blocks) and "+graph" (CUDA-graph
-#: replay of the step, adarank.graphs.GraphedStep, as train.cuda_graph runs it); both for COMPILABLE only
+#: replay of the step, adarank.fast.graphs.GraphedStep, as train.cuda_graph runs it); both for COMPILABLE only
 MODES = ("compile", "graph")
 #: "+fused" before the mode: adapters built with method.fused (adarank/fused.py)
 FUSABLE = ("lora", "rslora", "adalora", "adalora_final")
@@ -202,7 +202,7 @@ def build_rig(variant: str, model: nn.Module, wl: Workload, device: torch.device
     if variant in ("peft_lora", "peft_adalora"):
         import peft
 
-        from adarank.methods import peft_task_type
+        from adarank.runner.methods import peft_task_type
 
         # the task type makes get_peft_model return the class whose forward reaches AdaLoraModel.forward,
         # which adds the orth loss (a plain PeftModel skips it; before this fix the PEFT AdaLoRA timings did)

@@ -29,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from adarank import fused, kernels
+from adarank.fast import fused, kernels
 
 TOKENS = 8 * 1024
 #: (hidden, kv width, intermediate) of bench.py's Llama workloads

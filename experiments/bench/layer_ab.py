@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from adarank import fused, kernels
+from adarank.fast import fused, kernels
 
 #: (hidden, kv width, intermediate, blocks) of bench.py's Llama workloads
 SHAPES_OF = {"W2": (2048, 256, 5632, 22), "W3": (1024, 256, 2816, 80)}

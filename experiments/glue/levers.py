@@ -38,7 +38,7 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):  # the package, and
 
 from layout import group_dir, run_name
 
-from adarank.report import load_row, lower_is_better
+from adarank.studies.report import load_row, lower_is_better
 
 #: lever name -> overrides. The GLUE configs' default: budgeting from 10% to 70% of training (init_frac 0.1,
 #: final_frac 0.3), init_ratio 1.5, beta1 = beta2 = 0.85, orth_weight 0.1, scale α/r_init, uncertainty scores.

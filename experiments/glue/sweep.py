@@ -39,8 +39,8 @@ from layout import group_dir, lr_prefix, run_name
 from levers import LEVERS, Levers
 
 from adarank.atomic import atomic_write_json
-from adarank.report import choose_lr as report_choose_lr
-from adarank.report import load_row, lower_is_better
+from adarank.studies.report import choose_lr as report_choose_lr
+from adarank.studies.report import load_row, lower_is_better
 
 METHODS = ("full", "lora", "rslora", "adalora", "peft_adalora")
 SEEDS = {2: (0, 1, 2, 3, 4), 8: (0, 1, 2)}

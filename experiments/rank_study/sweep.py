@@ -15,8 +15,8 @@ experiments/jobqueue.py) are:
   * with --lrs: LoRA (α = r), rsLoRA and adalora at every rank again at each of those learning rates, under
     <study>/lr<lr>/, each with its own rank_study report in --out/<study>/lr<lr>/ (full fine-tuning as the
     reference line).
-Then, in `--out/<study>/`: `python -m adarank.rank_study` (quality against rank per scaling, the plateau rank,
-the best α/r), `python -m adarank.norm_study` on the failure-mode runs, and `python -m adarank.analyze` on
+Then, in `--out/<study>/`: `python -m adarank.studies.rank_study` (quality against rank per scaling, the plateau rank,
+the best α/r), `python -m adarank.studies.norm_study` on the failure-mode runs, and `python -m adarank.analyze` on
 LoRA, adalora and full fine-tuning at `--spectrum-rank` (singular values and effective ranks of ΔW).
 
 A study whose jobs have not all ended gets no report (the command says what is missing); calling the
@@ -79,7 +79,8 @@ def study_jobs(study: str, root: Path, ranks: list[int], extra: list[str], lrs: 
 
 def reports(study: str, root: Path, out: Path, spectrum_rank: int) -> None:
     """rank_study, norm_study and analyze over one finished study."""
-    from adarank import analyze, norm_study, rank_study
+    from adarank.studies import norm_study, rank_study
+    from adarank.studies import spectra as analyze
 
     metric, lower, _, _ = STUDIES[study]
     folder, dest = root / study, out / study

@@ -1,6 +1,6 @@
 """End-to-end runs of the training runner on the tiny random BERT (and one on MiniLM), all on CPU.
 
-Shared helpers: compose a config the way `python -m adarank.run` does, run `adarank.train.train`, and
+Shared helpers: compose a config the way `python -m adarank.run` does, run `adarank.runner.train.train`, and
 watch or interrupt the model that `train` builds.
 """
 
@@ -15,16 +15,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-import adarank.run
-import adarank.train
-from adarank.config import Config
+import adarank.runner.cli
+import adarank.runner.train
+from adarank.runner.config import Config
 
 __all__ = [
     "GLUE_FIXTURES", "TINY", "capture_models", "compose_config", "differing_tensors", "one_thread", "run", "tiny_config",
 ]
 
 #: The tiny GLUE TSV files in the official layout (1-5 rows per split).
-GLUE_FIXTURES = str(Path(__file__).resolve().parents[1] / "data" / "fixtures" / "glue")
+GLUE_FIXTURES = str(Path(__file__).resolve().parents[1] / "runner" / "data" / "fixtures" / "glue")
 
 #: Fast mode: the 2-layer random BERT, 20 optimizer steps of 8 examples, few eval rows, no W&B.
 TINY = [
@@ -40,18 +40,18 @@ TINY = [
 
 def compose_config(overrides: list[str], hydra_config: bool = False):
     """The DictConfig for these command-line overrides (Hydra's global state is restored afterwards)."""
-    with initialize_config_dir(config_dir=adarank.run.CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=adarank.runner.cli.CONF_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
 
 
 def tiny_config(tmp_path: Path, *overrides: str) -> Config:
     """The typed config of a fast run; tokenisation is cached under tmp_path, not in ~/.cache."""
-    return adarank.run.to_config(compose_config([*TINY, f"data.cache_dir={tmp_path / 'cache'}", *overrides]))
+    return adarank.runner.cli.to_config(compose_config([*TINY, f"data.cache_dir={tmp_path / 'cache'}", *overrides]))
 
 
 def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """train() quietly; returns results.json as read back from disk."""
-    adarank.train.train(cfg, str(out_dir), log=lambda *_: None)
+    adarank.runner.train.train(cfg, str(out_dir), log=lambda *_: None)
     return json.loads((out_dir / "results.json").read_text())
 
 
@@ -62,7 +62,7 @@ def capture_models(monkeypatch: pytest.MonkeyPatch, kill_at: int | None = None) 
     dies during optimizer step N, after the checkpoints of the earlier steps were written.
     """
     built: list[nn.Module] = []
-    real = adarank.train.apply_method
+    real = adarank.runner.train.apply_method
 
     def spy(model, method, model_cfg):
         adapted = real(model, method, model_cfg)
@@ -80,7 +80,7 @@ def capture_models(monkeypatch: pytest.MonkeyPatch, kill_at: int | None = None) 
             adapted.model.register_forward_pre_hook(kill, with_kwargs=True)
         return adapted
 
-    monkeypatch.setattr(adarank.train, "apply_method", spy)
+    monkeypatch.setattr(adarank.runner.train, "apply_method", spy)
     return built
 
 

@@ -7,15 +7,15 @@ import math
 
 import pytest
 
-import adarank.analyze
-import adarank.run
+import adarank.studies.spectra
+import adarank.runner.cli
 
 from . import TINY, compose_config, run
 
 
 def causal_config(tmp_path, *extra: str):
     base = ["model=tiny_llama" if o == "model=tiny_random" else o for o in TINY]
-    return adarank.run.to_config(compose_config([
+    return adarank.runner.cli.to_config(compose_config([
         *base, "task=bbc", "task.max_length=64", "train.max_steps=12", "train.eval_every=4",
         "data.max_train_samples=40", "data.max_eval_samples=16", f"data.cache_dir={tmp_path / 'cache'}", *extra]))
 
@@ -39,6 +39,6 @@ def test_spectrum_analysis_reads_the_saved_runs(tmp_path):
     for method in ("lora", "full"):
         run(causal_config(tmp_path, f"method={method}", "method.r=2"), tmp_path / method)
         dirs.append(str(tmp_path / method))
-    assert adarank.analyze.main([*dirs, "--out", str(tmp_path / "an")]) == 0
+    assert adarank.studies.spectra.main([*dirs, "--out", str(tmp_path / "an")]) == 0
     text = (tmp_path / "an" / "spectra.csv").read_text()
     assert "lora" in text and "full" in text

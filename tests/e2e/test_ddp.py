@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from adarank import distributed
-from adarank.run import CONF_DIR, to_config
+from adarank.runner import distributed
+from adarank.runner.cli import CONF_DIR, to_config
 
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "fixtures", "glue")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "runner", "data", "fixtures", "glue")
 
 
 def _free_port() -> int:
@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: str) -> None:
     info = distributed.setup("cpu")
     try:
         if fn == "train":
-            from adarank.train import train
+            from adarank.runner.train import train
 
             GlobalHydra.instance().clear()
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

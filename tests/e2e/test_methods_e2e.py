@@ -9,8 +9,8 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-import adarank.data
-import adarank.run
+import adarank.runner.data
+import adarank.runner.cli
 from adarank.inject import svd_adapters
 from adarank.schedule import budget_at
 
@@ -25,7 +25,7 @@ RESULT_KEYS = {
     "git_sha", "code_sha256", "versions", "device",
 }
 METHODS = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
-EXPERIMENTS = sorted(p.stem for p in Path(adarank.run.CONF_DIR, "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in Path(adarank.runner.cli.CONF_DIR, "experiment").glob("*.yaml"))
 
 # The tiny random BERT under config.yaml's method.r=2: 2 layers x 6 adapted matrices (q, k, v, attention
 # output, FFN in, FFN out), initial rank ceil(1.5 x 2) = 3, so the budget goes from 36 to 24 triplets.
@@ -112,7 +112,7 @@ CAUSAL = {name for name in EXPERIMENTS if name.startswith("rank_search_bbc")}
 def _fast_config(tmp_path: Path, name: str, *extra: str):
     """The experiment on the tiny random model of its kind: a BERT, or a Llama for causal-LM tasks."""
     base = [("model=tiny_llama" if name in CAUSAL and o == "model=tiny_random" else o) for o in TINY]
-    return adarank.run.to_config(compose_config(
+    return adarank.runner.cli.to_config(compose_config(
         [*base, f"data.cache_dir={tmp_path / 'cache'}", *_experiment_overrides(name, tmp_path), *extra]))
 
 
@@ -120,7 +120,7 @@ def _fast_config(tmp_path: Path, name: str, *extra: str):
 def test_every_experiment_runs_in_fast_mode(tmp_path, name):
     cfg = _fast_config(tmp_path, name)
     assert cfg.experiment_name == name and cfg.model.name == ("tiny_llama" if name in CAUSAL else "tiny_random")
-    assert adarank.run.preflight(cfg) == 3
+    assert adarank.runner.cli.preflight(cfg) == 3
     res = run(cfg, tmp_path / "out")
     assert res["steps"] == 3 and res["experiment"] == name and res["task"] == cfg.task.name
     assert math.isfinite(res["value"])
@@ -142,7 +142,7 @@ def test_sweep_params_of_every_experiment_are_valid_overrides(tmp_path, name):
         key, _, want = value.partition("=")
         got = OmegaConf.select(OmegaConf.structured(cfg), key)
         assert str(got.name if OmegaConf.is_config(got) else got) == want, value
-        adarank.run.preflight(cfg)
+        adarank.runner.cli.preflight(cfg)
 
 
 @pytest.mark.parametrize("task", ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"])
@@ -150,7 +150,7 @@ def test_every_glue_task_runs_on_the_fixtures(tmp_path, task):
     cfg = tiny_config(tmp_path, f"task={task}", f"data.dir={GLUE_FIXTURES}", "data.val_fraction=0.5",
                       "method=lora", "train.max_steps=3")
     res = run(cfg, tmp_path / "out")
-    spec = adarank.data.get_task(task)
+    spec = adarank.runner.data.get_task(task)
     assert res["metric"] == spec.main_metric and res["steps"] == 3 and math.isfinite(res["value"])
     # every official dev split is evaluated (MNLI: matched and mismatched); the first one is reported
     assert {f"{s}/{spec.main_metric}" for s in ("val", *spec.dev_splits)} <= set(res["metrics"]["final"])

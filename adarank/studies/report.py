@@ -1,0 +1,680 @@
+"""Aggregate ``results.json`` files into ``runs.csv``, ``summary.md`` and plots.
+
+    python -m adarank.report DIR... [--out OUT_DIR] [--metric value|best_value] [--reference adalora]
+
+Learning rate. Each run's effective learning rate is ``config.method.lr``, or ``config.train.lr``
+when that is null. When a (task, method, budget) ran at several learning rates, the one with the
+best mean carved-validation metric over its seeds (``metrics.best["val/<metric>"]``, the
+``val_value`` column) is chosen: higher is better, lower for ppl/perplexity/nll/loss, and ties go
+to the smaller learning rate. The official dev values never take part in the choice. Every table
+and plot below uses only the chosen learning rate's runs; ``runs.csv`` keeps all runs and marks
+them in its ``selected`` column. A group with several learning rates and no validation metric
+at all is left out, with a warning.
+
+``summary.md`` holds (a) the learning-rate choice, when any group had one to make: every
+candidate with its mean validation metric and its number of seeds; (b) mean ± sample std per
+(task, method, budget); (c) a GLUE-style average per (method, budget) over the tasks every
+(method, budget) has; (d) paired differences over shared seeds, reference method minus every
+other method at the same (task, budget), with a two-sided paired t-test; (e) for adaptive
+methods (runs with ``final_ranks``), where the rank went: the mean final rank per matrix type
+(q, k, v, attn-out, ffn-in, ffn-out; Llama's q_proj ... down_proj keep their names) and per
+layer, with the bottom and top halves of the stack. Runs without a budget (full fine-tuning)
+are their own row and are paired with every budget.
+
+Plots, in OUT_DIR: ``metric_vs_budget_<task>.png``; per (task, method, budget) of an adaptive
+method, ``rank_heatmap_<task>_<method>_r<budget>.png`` (mean final rank over seeds, layer x
+matrix type) and ``budget_curve_<task>_<method>_r<budget>.png`` (the budget schedule).
+Needs numpy and scipy, not pandas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adarank.atomic import atomic_write_text
+from adarank.studies.plots import (
+    NO_LAYER,
+    budget_curves,
+    metric_vs_budget,
+    parse_module_name,
+    rank_heatmap,
+)
+
+RESULT_COLUMNS = ("task", "method", "budget", "seed", "metric", "value", "best_value",
+                  "trainable_params", "steps", "seconds")
+COLUMNS = (*RESULT_COLUMNS, "lr", "val_value", "selected")
+REQUIRED = ("task", "method", "seed", "value")
+METHOD_ORDER = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
+METRIC_DOC = {
+    "value": "final official-dev value",
+    "best_value": "official-dev value at the step with the best carved-validation metric",
+}
+LOWER_IS_BETTER = frozenset({"ppl", "perplexity", "nll", "loss"})
+# Matrix types in the order a transformer block runs them: BERT/RoBERTa/DeBERTa names are mapped
+# to short labels, Llama's keep their own names.
+TYPE_ORDER = ("q", "k", "v", "attn-out", "ffn-in", "ffn-out",
+              "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SHORT_TYPE = {"query": "q", "query_proj": "q", "key": "k", "key_proj": "k", "value": "v", "value_proj": "v"}
+PEFT_PREFIX = "base_model.model."
+
+Config = tuple[str, int | None]  # (method, budget)
+Key = tuple[str, str, int | None]  # (task, method, budget)
+Groups = dict[Key, dict[int, float]]  # (task, method, budget) -> seed -> value
+
+
+class ReportError(Exception):
+    """A problem with the command line's inputs, reported in one line."""
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _find(dirs: Sequence[str], names: Sequence[str]) -> dict[str, list[Path]]:
+    """Per file name in ``names``: the files of that name under ``dirs`` (a DIR may also be one such file),
+    each file once, in path order. A DIR that does not exist, or holds none of them, is a ReportError."""
+    found: dict[str, dict[Path, Path]] = {n: {} for n in names}
+    for d in dirs:
+        root = Path(d)
+        if not root.exists():
+            raise ReportError(f"{d}: no such directory")
+        hits = [root] if root.name in names else [h for n in names for h in sorted(root.rglob(n))]
+        hits = [h for h in hits if h.is_file()]
+        if not hits:
+            raise ReportError(f"{d}: no {' or '.join(names)} found")
+        for h in hits:
+            found[h.name].setdefault(h.resolve(), h)  # overlapping DIRs must not fake duplicates
+    return {n: sorted(f.values(), key=str) for n, f in found.items()}
+
+
+def find_results(dirs: Sequence[str]) -> list[Path]:
+    """All ``results.json`` under ``dirs``, each file once, in path order."""
+    return _find(dirs, ("results.json",))["results.json"]
+
+
+def find_runs(dirs: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """(results.json, diverged.json) files under `dirs`, each once. A folder with both holds a run that
+    was resumed and finished: its results.json is the record."""
+    found = _find(dirs, ("results.json", "diverged.json"))
+    finished = {p.resolve().parent for p in found["results.json"]}
+    return found["results.json"], [h for h in found["diverged.json"] if h.resolve().parent not in finished]
+
+
+def _get(d: Any, *keys: str) -> Any:
+    """``d[k1][k2]...``, or None where a level is missing or not a dict."""
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def effective_lr(config: Any) -> float | None:
+    """``config.method.lr``, which overrides ``config.train.lr`` when not null; None if neither is there."""
+    lr = _get(config, "method", "lr")
+    return _float(_get(config, "train", "lr") if lr is None else lr)
+
+
+def load_row(path: Path) -> dict[str, Any]:
+    """The report's columns from one ``results.json``, plus ``path``, ``final_ranks`` and ``budget_curve``."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise TypeError("not a JSON object")
+    missing = [k for k in REQUIRED if data.get(k) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    row = {c: data.get(c) for c in RESULT_COLUMNS}
+    row["budget"] = None if row["budget"] is None else int(row["budget"])
+    row["seed"] = int(row["seed"])
+    row["lr"] = effective_lr(data.get("config"))
+    row["val_value"] = _float(_get(data, "metrics", "best", f"val/{row['metric']}"))
+    row["selected"] = True  # until select_lr has seen the other learning rates
+    row["final_ranks"] = {n: float(r) for n, r in (data.get("final_ranks") or {}).items()}
+    row["budget_curve"] = [[int(s), float(b)] for s, b in data.get("budget_curve") or []]
+    row["path"] = str(path)
+    return row
+
+
+def _method_key(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def _budget_key(budget: int | None) -> int:
+    return -1 if budget is None else budget
+
+
+def _lr_key(lr: float | None) -> tuple[bool, float]:
+    return (lr is None, 0.0 if lr is None else lr)  # an unknown lr sorts last
+
+
+def _group_key(key: Key) -> tuple:
+    return (key[0], _method_key(key[1]), _budget_key(key[2]))
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return (row["task"], _method_key(row["method"]), _budget_key(row["budget"]), _lr_key(row["lr"]), row["seed"])
+
+
+def _key(row: dict[str, Any]) -> Key:
+    return (row["task"], row["method"], row["budget"])
+
+
+def _lr(lr: float | None) -> str:
+    return "-" if lr is None else format(lr, "g")
+
+
+def load_rows(paths: Iterable[Path], warn: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Rows sorted by task, method, budget, lr, seed; unreadable files and duplicates are warned about."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for path in paths:
+        try:
+            row = load_row(path)
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            warn(f"warning: skipping {path}: {e}")
+            continue
+        key = (row["task"], row["method"], row["budget"], row["lr"], row["seed"])
+        if key in rows:
+            warn(f"warning: duplicate run task={key[0]} method={key[1]} budget={key[2]} lr={_lr(key[3])}"
+                 f" seed={key[4]}: keeping {path}, dropping {rows[key]['path']}")
+        rows[key] = row  # paths come sorted, so the last one by path order wins
+    return sorted(rows.values(), key=_row_key)
+
+
+def _cell(x: Any) -> Any:
+    if x is None:
+        return ""
+    return str(x).lower() if isinstance(x, bool) else x
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``rows`` with ``COLUMNS`` as ``runs.csv`` (None as an empty cell, booleans as true/false)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for r in rows:
+        writer.writerow([_cell(r[c]) for c in COLUMNS])
+    atomic_write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- learning-rate selection
+
+
+def lower_is_better(metric: str | None) -> bool:
+    """Whether a smaller value of ``metric`` is better (perplexities and losses)."""
+    return str(metric).lower() in LOWER_IS_BETTER
+
+
+def choose_lr(mean_val: Mapping[float | None, float | None], lower: bool = False) -> float | None:
+    """The learning rate with the best mean validation metric; ties go to the smaller one.
+
+    A single candidate is chosen as it is. Candidates without a (finite or infinite) mean are
+    skipped; raises ValueError when several candidates have none.
+    """
+    if len(mean_val) == 1:
+        return next(iter(mean_val))
+    scored = sorted(((lr, v) for lr, v in mean_val.items() if v is not None and not math.isnan(v)),
+                    key=lambda kv: _lr_key(kv[0]))
+    if not scored:
+        raise ValueError("no learning rate has a validation metric")
+    sign = -1.0 if lower else 1.0
+    best_lr, best = scored[0]
+    for lr, v in scored[1:]:
+        # Strictly better by more than rounding, so equal means keep the smaller lr.
+        if sign * (v - best) > 1e-12 * max(1.0, abs(best)):
+            best_lr, best = lr, v
+    return best_lr
+
+
+@dataclass
+class LrChoice:
+    """The learning rates one (task, method, budget) ran at, and the one chosen."""
+
+    runs: dict[float | None, list[dict[str, Any]]]
+    """lr -> its runs, in lr order."""
+    chosen: float | None
+    """The chosen lr (None also when the runs record no lr); meaningless unless ``found``."""
+    found: bool
+    """False when several lrs ran and none has a validation metric: nothing is chosen."""
+
+    def vals(self, lr: float | None) -> list[float]:
+        """The validation metrics of ``lr``'s runs, skipping runs without one."""
+        return [r["val_value"] for r in self.runs[lr] if r["val_value"] is not None]
+
+    def mean_val(self, lr: float | None) -> float | None:
+        v = self.vals(lr)
+        return float(np.mean(v)) if v else None
+
+
+def select_lr(rows: Iterable[dict[str, Any]]) -> dict[Key, LrChoice]:
+    """Per (task, method, budget), choose the lr by the mean validation metric over seeds (see ``choose_lr``)."""
+    by_group: dict[Key, dict[float | None, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by_group[_key(r)][r["lr"]].append(r)
+    choices = {}
+    for key, by_lr in by_group.items():
+        runs = {lr: by_lr[lr] for lr in sorted(by_lr, key=_lr_key)}
+        choice = LrChoice(runs, None, True)
+        lower = lower_is_better(next(iter(runs.values()))[0]["metric"])
+        try:
+            choice.chosen = choose_lr({lr: choice.mean_val(lr) for lr in runs}, lower)
+        except ValueError:
+            choice.found = False
+        choices[key] = choice
+    return choices
+
+
+def mark_selected(rows: Iterable[dict[str, Any]], choices: Mapping[Key, LrChoice]) -> None:
+    """Set each row's ``selected``: whether it ran at its group's chosen learning rate."""
+    for r in rows:
+        c = choices[_key(r)]
+        r["selected"] = c.found and r["lr"] == c.chosen
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def group_values(rows: Iterable[dict[str, Any]], column: str) -> Groups:
+    """(task, method, budget) -> {seed: value of ``column``}, skipping runs that lack it."""
+    groups: Groups = defaultdict(dict)
+    for r in rows:
+        if r[column] is not None:
+            groups[(r["task"], r["method"], r["budget"])][r["seed"]] = float(r[column])
+    return dict(groups)
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float | None]:
+    """Mean and sample std (None for a single value)."""
+    v = np.asarray(list(values), dtype=float)
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
+
+
+def task_average(groups: Groups) -> tuple[list[str], dict[Config, float]]:
+    """GLUE-style score: per (method, budget), the mean over tasks of per-task means.
+
+    Only tasks that every (method, budget) has are used, so the averages are comparable.
+    Returns those tasks and the averages.
+    """
+    tasks_of: dict[Config, set[str]] = defaultdict(set)
+    for task, method, budget in groups:
+        tasks_of[(method, budget)].add(task)
+    common = sorted(set.intersection(*tasks_of.values())) if tasks_of else []
+    averages = {
+        cfg: float(np.mean([mean_std(groups[(t, *cfg)].values())[0] for t in common]))
+        for cfg in tasks_of
+    } if common else {}
+    return common, averages
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Two-sided paired t-test p-value; None when undefined (n < 2 or constant differences)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.size < 2 or np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):
+        return None
+    from scipy.stats import ttest_rel  # lazy: scipy.stats takes a while to import
+
+    return float(ttest_rel(a, b).pvalue)
+
+
+def paired_differences(groups: Groups, reference: str = "adalora") -> list[dict[str, Any]]:
+    """Per (task, budget): reference minus every other method over shared seeds.
+
+    Budget-less runs (full fine-tuning) join every budget's comparisons, after the others.
+    If the reference is missing at a (task, budget), every pair is compared instead: the
+    later method in ``METHOD_ORDER`` minus the earlier, and each method minus full.
+    """
+    out = []
+    for task in sorted({t for t, _, _ in groups}):
+        unbudgeted = sorted((m for t, m, b in groups if t == task and b is None), key=_method_key)
+        for budget in sorted({b for t, _, b in groups if t == task and b is not None}):
+            here = sorted((m for t, m, b in groups if t == task and b == budget), key=_method_key)
+            if reference in here:
+                pairs = [(reference, m, budget) for m in here if m != reference]
+                pairs += [(reference, m, None) for m in unbudgeted]
+            else:
+                pairs = [(later, earlier, budget) for earlier, later in combinations(here, 2)]
+                pairs += [(m, u, None) for m in here for u in unbudgeted]
+            for ma, mb, budget_b in pairs:
+                va, vb = groups[(task, ma, budget)], groups[(task, mb, budget_b)]
+                seeds = sorted(set(va) & set(vb))
+                if not seeds:
+                    continue
+                a, b = [va[s] for s in seeds], [vb[s] for s in seeds]
+                out.append({"task": task, "budget": budget, "a": ma, "b": mb, "n": len(seeds),
+                            "mean_diff": float(np.mean(np.subtract(a, b))), "p": paired_test(a, b)})
+    return out
+
+
+# ---------------------------------------------------------------- rank allocation
+
+
+def matrix_type(name: str) -> str:
+    """The kind of matrix a module name adapts: q, k, v, attn-out, ffn-in, ffn-out for BERT-style
+    encoders (RoBERTa, DeBERTa's query_proj too), Llama's own names (q_proj ... down_proj), else
+    the name's part after the layer index (the whole name when it has none, e.g. a pooler).
+
+    >>> matrix_type("bert.encoder.layer.3.attention.output.dense")
+    'attn-out'
+    """
+    _, t = parse_module_name(name)
+    last = t.rsplit(".", 1)[-1]
+    if last in _SHORT_TYPE:
+        return _SHORT_TYPE[last]
+    if t.endswith("attention.output.dense"):  # before "output.dense", which it also ends with
+        return "attn-out"
+    if t.endswith("intermediate.dense"):
+        return "ffn-in"
+    if t == "output.dense" or t.endswith(".output.dense"):
+        return "ffn-out"
+    return last if last in TYPE_ORDER else t
+
+
+def mean_ranks(rows: Iterable[dict[str, Any]]) -> dict[Key, tuple[int, dict[str, float]]]:
+    """Per (task, method, budget) of runs with ``final_ranks``: (number of runs, module -> mean final rank).
+
+    A module's mean is over the runs that report it. PEFT's ``base_model.model.`` prefix is dropped,
+    so its runs and ours share module names.
+    """
+    by_group: dict[Key, list[dict[str, float]]] = defaultdict(list)
+    for r in rows:
+        if r["final_ranks"]:
+            by_group[_key(r)].append({n.removeprefix(PEFT_PREFIX): v for n, v in r["final_ranks"].items()})
+    out = {}
+    for key, runs in by_group.items():
+        names = list(dict.fromkeys(n for ranks in runs for n in ranks))  # the model's order
+        out[key] = (len(runs), {n: float(np.mean([ranks[n] for ranks in runs if n in ranks])) for n in names})
+    return out
+
+
+def rank_breakdown(ranks: Mapping[str, float]) -> dict[str, Any]:
+    """Mean rank per module: over all modules (``all``), per matrix type (``type``), per layer (``layer``),
+    and over the bottom and top halves of the layers (``bottom``, ``top``; the middle layer of an odd
+    count is in neither; None with fewer than two layers)."""
+    by_type: dict[str, list[float]] = defaultdict(list)
+    by_layer: dict[str, list[float]] = defaultdict(list)
+    for name, r in ranks.items():
+        by_type[matrix_type(name)].append(r)
+        by_layer[parse_module_name(name)[0]].append(r)
+    layers = sorted((la for la in by_layer if la != NO_LAYER), key=int)
+    half = len(layers) // 2
+
+    def mean(layer_names: Sequence[str]) -> float | None:
+        v = [r for la in layer_names for r in by_layer[la]]
+        return float(np.mean(v)) if v else None
+
+    return {"all": float(np.mean(list(ranks.values()))),
+            "type": {t: float(np.mean(v)) for t, v in by_type.items()},
+            "layer": {la: float(np.mean(v)) for la, v in by_layer.items()},
+            "bottom": mean(layers[:half]) if half else None,
+            "top": mean(layers[-half:]) if half else None}
+
+
+def _type_key(t: str) -> tuple[int, str]:
+    return (TYPE_ORDER.index(t), "") if t in TYPE_ORDER else (len(TYPE_ORDER), t)
+
+
+def _layer_key(layer: str) -> tuple[int, int]:
+    return (1, 0) if layer == NO_LAYER else (0, int(layer))
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _num(x: float | None, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _budget(b: int | None) -> str:
+    return "-" if b is None else str(b)
+
+
+def _table(header: Sequence[str], body: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return lines
+
+
+def _lr_section(choices: Mapping[Key, LrChoice], column: str, metric: Mapping[str, str]) -> list[str]:
+    lines = ["", "## Learning rate chosen on the validation split", "",
+             ("Per (task, method, budget), the learning rate with the best mean carved-validation metric "
+              "at the best step (`val_value`) over its seeds; lower is better for perplexities and losses, "
+              f"ties go to the smaller lr. The mean dev `{column}` is shown for reference only; it plays no "
+              "part in the choice. n: runs with a validation metric / runs."), ""]
+    body = []
+    for key in sorted(choices, key=_group_key):
+        c = choices[key]
+        task, method, budget = key
+        for lr, runs in c.runs.items():
+            dev = [r[column] for r in runs if r[column] is not None]
+            mark = "✓" if c.found and lr == c.chosen else ("no val metric: left out" if not c.found else "")
+            body.append([task, metric[task], method, _budget(budget), _lr(lr), f"{len(c.vals(lr))}/{len(runs)}",
+                         _num(c.mean_val(lr)), _num(float(np.mean(dev)) if dev else None), mark])
+    return lines + _table(["task", "metric", "method", "budget", "lr", "n", "mean val", f"mean dev {column}",
+                           "chosen"], body)
+
+
+def _rank_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    ranks = mean_ranks(rows)
+    if not ranks:
+        return []
+    lr_of = {_key(r): r["lr"] for r in rows}
+    keys = sorted(ranks, key=_group_key)
+    n_of = {key: ranks[key][0] for key in keys}
+    parts = {key: rank_breakdown(ranks[key][1]) for key in keys}
+    types = sorted({t for p in parts.values() for t in p["type"]}, key=_type_key)
+    layers = sorted({la for p in parts.values() for la in p["layer"]}, key=_layer_key)
+
+    def two(x: float | None) -> str:
+        return _num(x, ".2f")
+
+    lines = ["", "## Where the rank went", "",
+             ("Adaptive methods: the final rank of each module, averaged over seeds, then over the modules of "
+              "a matrix type or a layer (all: every module, the average rank the budget fixes). The AdaLoRA "
+              "paper finds that FFN matrices (ffn-in, ffn-out) and top layers get more rank."), "",
+             "### By matrix type", ""]
+    body = [[*key[:2], _budget(key[2]), _lr(lr_of[key]), n_of[key], two(parts[key]["all"]),
+             *(two(parts[key]["type"].get(t)) for t in types)] for key in keys]
+    lines += _table(["task", "method", "budget", "lr", "n seeds", "all", *types], body)
+    lines += ["", "### By layer", "",
+              ("Bottom and top: the lower and upper halves of the layers "
+               "(the middle layer of an odd count is in neither)."), ""]
+    body = [[*key[:2], _budget(key[2]), n_of[key], *(two(parts[key]["layer"].get(la)) for la in layers),
+             two(parts[key]["bottom"]), two(parts[key]["top"])] for key in keys]
+    names = ["no layer" if la == NO_LAYER else f"layer {la}" for la in layers]
+    lines += _table(["task", "method", "budget", "n seeds", *names, "bottom", "top"], body)
+    return lines
+
+
+def find_diverged(dirs: Sequence[str]) -> list[tuple[Path, dict[str, Any]]]:
+    """Runs that diverged (a ``diverged.json`` and no ``results.json`` beside it), with their records."""
+    out = []
+    for path in find_runs(dirs)[1]:
+        try:
+            out.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            out.append((path, {"error": "unreadable diverged.json"}))
+    return out
+
+
+def _diverged_section(diverged: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
+    lines = ["", "## Diverged runs", "",
+             (f"{len(diverged)} run(s) stopped on a non-finite loss or weights. They are in no table or plot, and a "
+              "learning rate is scored on its finished runs only."), ""]
+    rows = [[str(path.parent), " ".join(rec.get("overrides") or []) or "-", str(rec.get("error", "-")).replace("|", "/")]
+            for path, rec in diverged]
+    return lines + _table(["run", "overrides", "error"], rows)
+
+
+def render_summary(rows: Sequence[dict[str, Any]], column: str, reference: str,
+                   plots: Mapping[str, Path | None], choices: Mapping[Key, LrChoice] | None = None,
+                   group_plots: Sequence[tuple[str, Path]] = (),
+                   diverged: Sequence[tuple[Path, dict[str, Any]]] = ()) -> str:
+    """The text of ``summary.md``.
+
+    ``rows`` are all runs; only those with ``selected`` are summarised. ``choices`` (from
+    ``select_lr``) gives the learning-rate table when some group had several; ``plots`` maps a task
+    to its metric-vs-budget plot, ``group_plots`` are (caption, path) of the per-group plots.
+    """
+    all_rows, rows = rows, [r for r in rows if r.get("selected", True)]
+    groups = group_values(rows, column)
+    metric_of: dict[str, set[str]] = defaultdict(set)
+    for r in all_rows:
+        metric_of[r["task"]].add(str(r["metric"]))
+    metric = {t: "/".join(sorted(m)) for t, m in metric_of.items()}
+    lr_of = {_key(r): r["lr"] for r in rows}
+    several = choices is not None and any(len(c.runs) > 1 for c in choices.values())
+
+    runs = (f"{len(all_rows)} runs, {len(rows)} of them at the learning rate chosen on the validation split; "
+            "every table and plot below uses only those." if several else f"{len(rows)} runs.")
+    lines = ["# adarank results", "",
+             f"{runs} Column `{column}`: {METRIC_DOC[column]}. Std is the sample std over seeds (n/a for one seed)."]
+    if several:
+        lines += _lr_section(choices, column, metric)
+    if diverged:
+        lines += _diverged_section(diverged)
+
+    lines += ["", "## Mean ± std per task, method and budget", ""]
+    body = []
+    for (task, method, budget), by_seed in sorted(groups.items(), key=lambda kv: _group_key(kv[0])):
+        mean, std = mean_std(by_seed.values())
+        body.append([task, metric[task], method, _budget(budget), len(by_seed), _lr(lr_of[(task, method, budget)]),
+                     f"{_num(mean)} ± {_num(std)}"])
+    lines += _table(["task", "metric", "method", "budget", "n", "lr", "mean ± std"], body)
+
+    lines += ["", "## Average over tasks", ""]
+    common, averages = task_average(groups)
+    all_tasks = sorted({t for t, _, _ in groups})
+    if not averages:
+        lines.append("No task is shared by every (method, budget); no average.")
+    else:
+        left_out = sorted(set(all_tasks) - set(common))
+        lines.append(f"Mean of per-task means over {len(common)} task(s) that every (method, budget) has: "
+                     f"{', '.join(common)}." + (f" Left out: {', '.join(left_out)}." if left_out else ""))
+        lines.append("")
+        body = [[m, _budget(b), _num(v)] for (m, b), v in
+                sorted(averages.items(), key=lambda kv: (_method_key(kv[0][0]), _budget_key(kv[0][1])))]
+        lines += _table(["method", "budget", "average"], body)
+
+    lines += ["", f"## Paired differences over seeds (reference: {reference})", "",
+              ("Mean of A - B over the seeds both have; p from a two-sided paired t-test "
+               "(n/a when n < 2 or the differences are constant). "
+               "Runs without a budget are paired with every budget."), ""]
+    pairs = paired_differences(groups, reference)
+    if pairs:
+        body = [[p["task"], _budget(p["budget"]), f"{p['a']} - {p['b']}", p["n"],
+                 _num(p["mean_diff"], "+.4f"), _num(p["p"], ".3g")] for p in pairs]
+        lines += _table(["task", "budget", "A - B", "n pairs", "mean diff", "p"], body)
+    else:
+        lines.append("No two methods share a task, budget and seed.")
+
+    lines += _rank_section(rows)
+
+    shown = [(t, p) for t, p in plots.items() if p is not None] + list(group_plots)
+    if shown:
+        lines += ["", "## Plots", ""] + [f"![{t}]({p.name})" for t, p in shown]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _group_name(key: Key) -> str:
+    task, method, budget = key
+    return f"{_safe(task)}_{_safe(method)}_r{'none' if budget is None else budget}"
+
+
+def write_group_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[tuple[str, Path]]:
+    """Per (task, method, budget) of ``rows``: the mean-rank heatmap and the budget schedule.
+
+    Returns (caption, path) of each plot written.
+    """
+    written = []
+    for key, (n, ranks) in sorted(mean_ranks(rows).items(), key=lambda kv: _group_key(kv[0])):
+        task, method, budget = key
+        title = f"{task} {method} r={_budget(budget)}: mean final rank over {n} seed(s)"
+        path = rank_heatmap(ranks, out / f"rank_heatmap_{_group_name(key)}.png", title=title)
+        if path is not None:
+            written.append((f"rank {task} {method} {_budget(budget)}", path))
+    curves: dict[Key, dict[str, list]] = defaultdict(dict)
+    for r in rows:
+        if r["budget_curve"]:
+            curves[_key(r)][f"seed {r['seed']}"] = r["budget_curve"]
+    for key in sorted(curves, key=_group_key):
+        task, method, budget = key
+        path = budget_curves(curves[key], out / f"budget_curve_{_group_name(key)}.png",
+                             title=f"{task} {method} r={_budget(budget)}")
+        if path is not None:
+            written.append((f"budget {task} {method} {_budget(budget)}", path))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 for bad inputs)."""
+    parser = argparse.ArgumentParser(prog="python -m adarank.report", description=__doc__.split("\n")[0])
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched for results.json")
+    parser.add_argument("--out", help="output folder (default: the first DIR)")
+    parser.add_argument("--metric", choices=tuple(METRIC_DOC), default="value",
+                        help="which results.json value to summarise")
+    parser.add_argument("--reference", default="adalora", help="method the others are paired against")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed its message; hand back the code
+        return e.code if isinstance(e.code, int) else 2
+
+    def warn(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    try:
+        rows = load_rows(find_results(args.dirs), warn)
+        if not rows:
+            raise ReportError(f"{', '.join(args.dirs)}: no readable results.json")
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    choices = select_lr(rows)
+    mark_selected(rows, choices)
+    for (task, method, budget), c in sorted(choices.items(), key=lambda kv: _group_key(kv[0])):
+        if not c.found:
+            warn(f"warning: task={task} method={method} budget={_budget(budget)} ran at learning rates "
+                 f"{', '.join(_lr(lr) for lr in c.runs)} but no run has a validation metric to choose by: left out")
+    selected = [r for r in rows if r["selected"]]
+
+    first = Path(args.dirs[0])
+    out = Path(args.out) if args.out else (first.parent if first.is_file() else first)
+    write_csv(out / "runs.csv", rows)
+    plots = {task: metric_vs_budget(selected, out / f"metric_vs_budget_{_safe(task)}.png", task, args.metric)
+             for task in sorted({r["task"] for r in selected})}
+    group_plots = write_group_plots(selected, out)
+    diverged = find_diverged(args.dirs)
+    if diverged:
+        warn(f"warning: {len(diverged)} diverged run(s) (diverged.json) are left out of the tables; summary.md lists them")
+    atomic_write_text(out / "summary.md",
+                      render_summary(rows, args.metric, args.reference, plots, choices, group_plots, diverged))
+    n_plots = sum(p is not None for p in plots.values()) + len(group_plots)
+    print(f"wrote {out / 'runs.csv'}, {out / 'summary.md'} and {n_plots} plot(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
