@@ -3,9 +3,15 @@
 Public API::
 
     from adarank import inject, svd_adapters, resolve_budget, make_schedule, RankAllocator, orth_penalty, export_peft
+
+The package has three parts: the algorithm at its top (layers, inject, importance, schedule, allocation,
+allocator, orth, shrink, export), the runner in `adarank.runner` (config, builders, data, the loop and its
+step unit; `python -m adarank.run`), and the studies in `adarank.studies` (reports and analyses of finished
+runs; `python -m adarank.report`, `python -m adarank.analyze`). The GPU fast path is `adarank.fast`.
 """
 
-from .allocator import Allocation, RankAllocator
+from .allocation import Allocation, Allocator
+from .allocator import RankAllocator
 from .export import export_peft
 from .importance import SCORES
 from .inject import ParamReport, adapters, find_targets, inject, param_report, svd_adapters
@@ -15,6 +21,7 @@ from .schedule import Budget, Schedule, budget_at, make_schedule, resolve_budget
 
 __all__ = [
     "Allocation",
+    "Allocator",
     "Budget",
     "LoraLinear",
     "ParamReport",

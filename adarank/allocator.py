@@ -12,13 +12,13 @@ syncs with the host: the threshold, masks and ranks stay on the device.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from . import importance as imp
+from .allocation import Allocation, segment_sums
 from .layers import SVDLinear
 from .schedule import Schedule
 from .shrink import remap_optimizer, shrink_layers
@@ -26,34 +26,6 @@ from .shrink import remap_optimizer, shrink_layers
 __all__ = ["RankAllocator", "Allocation"]
 
 ROLES = ("P", "lam", "Q")
-
-
-@dataclass
-class Allocation:
-    """What one allocator step did. Tensors live on the adapters' device; call `.tolist()` to log."""
-
-    step: int
-    budget: int
-    phase: str  # "init", "budget" or "final"
-    masked: bool  # whether a new mask was computed at this step
-    threshold: torch.Tensor | None  # 0-d tensor, None when nothing needed pruning
-    mask: torch.Tensor  # the kept-triplet mask after this step (flat, module order); never mutated
-    bounds: tuple[torch.Tensor, torch.Tensor]  # (starts, ends) of each module in `mask`
-    names: list[str]
-
-    @property
-    def ranks(self) -> torch.Tensor:
-        """(n_modules,) kept triplets per module, in `names` order (computed on demand)."""
-        return _segment_sums(self.mask, *self.bounds)
-
-    def rank_dict(self) -> dict[str, int]:
-        """{module name: rank}; syncs with the device."""
-        return dict(zip(self.names, self.ranks.tolist()))
-
-
-def _segment_sums(mask: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    cs = torch.cat([mask.new_zeros(1, dtype=torch.long), mask.long().cumsum(0)])
-    return cs[ends] - cs[starts]
 
 
 class RankAllocator:
@@ -65,6 +37,9 @@ class RankAllocator:
         target_total: final budget in triplets (`schedule.resolve_budget(...).target_total`).
         beta1, beta2: EMA coefficients for sensitivity and uncertainty, in [0, 1).
         score: "uncertainty" (paper), "sensitivity" or "magnitude" (paper ablations).
+        shrink_at_final: whether `maybe_shrink` removes the pruned triplets once the final mask is fixed.
+
+    It satisfies `adarank.allocation.Allocator`, the contract the training loop relies on.
     """
 
     def __init__(
@@ -75,6 +50,7 @@ class RankAllocator:
         beta1: float = 0.85,
         beta2: float = 0.85,
         score: str = "uncertainty",
+        shrink_at_final: bool = False,
     ) -> None:
         if not layers:
             raise ValueError("method.targets: the model has no SVD adapters to allocate ranks to")
@@ -94,6 +70,7 @@ class RankAllocator:
             )
         self.target_total = target_total
         self.beta1, self.beta2, self.score = beta1, beta2, score
+        self.shrink_at_final = shrink_at_final
         self.t = 0
         self.frozen = False  # final mask fixed (t >= T - t_f)
         self.shrunk = False
@@ -182,7 +159,7 @@ class RankAllocator:
 
     def ranks(self) -> torch.Tensor:
         """Kept triplets per module (device tensor)."""
-        return _segment_sums(self.mask, self._starts, self._ends)
+        return segment_sums(self.mask, self._starts, self._ends)
 
     def module_masks(self) -> list[torch.Tensor]:
         """Per-module boolean masks (views)."""
@@ -302,6 +279,14 @@ class RankAllocator:
         self.shrunk = True
         self.mask = torch.ones(sum(m.r for m in self.layers), dtype=torch.bool, device=self.mask.device)
         self._build_index()
+
+    def maybe_shrink(self, optimizer: torch.optim.Optimizer | None) -> bool:
+        """The loop's shrink hand-off: with `shrink_at_final`, shrink once the final mask is fixed; True
+        when parameters were replaced (at most once per run)."""
+        if not (self.shrink_at_final and self.frozen and not self.shrunk):
+            return False
+        self.shrink(optimizer)
+        return True
 
     # ----- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:

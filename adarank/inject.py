@@ -9,8 +9,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .fast import link_siblings
 from .layers import LoraLinear, SVDLinear, is_adaptable
-from .fast.siblings import link_siblings
 
 __all__ = ["find_targets", "inject", "adapters", "svd_adapters", "ParamReport", "param_report", "linear_names"]
 
@@ -86,8 +86,8 @@ def inject(
     """Wrap the target layers with `kind` ("lora" or "svd") adapters in place and freeze the rest.
 
     `train_modules` are suffixes of modules trained in full (e.g. the classifier head). `fused` computes
-    each adapted layer in one autograd function (adarank/fused.py), and adapters that turn out to read
-    one input together (adarank/siblings.py). Returns the trainable-parameter report.
+    each adapted layer in one autograd function (adarank/fast/fused.py), and adapters that turn out to read
+    one input together (adarank/fast/siblings.py). Returns the trainable-parameter report.
     """
     cls = {"lora": LoraLinear, "svd": SVDLinear}.get(kind)
     if cls is None:

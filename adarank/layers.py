@@ -2,6 +2,8 @@
 
 Both wrap a frozen `nn.Linear` or a transformers `Conv1D` (GPT-2 style, weight stored as (in, out)).
 ΔW is always expressed in (out, in) orientation; only merge/unmerge care about the base layout.
+With `fused` set, each forward first offers itself to the GPU fast path (`fast.forward`, adarank/fast/, which
+documents what it reads of a layer) and computes the plain way where that does not serve.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast.fused import Adapter, adapted_linear
+from . import fast
 
 try:  # transformers is a hard dependency, but keep the layers importable without it
     from transformers.pytorch_utils import Conv1D
@@ -56,12 +58,9 @@ class _Adapter(nn.Module):
         self.merged = False
         # Conv1D computes x @ W with W (in, out): merging must add ΔWᵀ.
         self.transposed = not isinstance(base, nn.Linear)
-        #: compute base + adapter in one autograd function (adarank/fused.py): faster on a GPU, equal up
-        #: to rounding; a plain attribute, so it can be switched on an injected model
+        #: let the GPU fast path (adarank.fast) compute this layer where it serves: faster on a GPU, equal
+        #: up to rounding; a plain attribute, so it can be switched on an injected model
         self.fused = fused
-        #: the adapters that may share this one's input (adarank/siblings.py; set by `inject`): fused
-        #: adapters called on one tensor are computed together
-        self.siblings = None
 
     @property
     def weight(self) -> torch.Tensor:  # some transformers code reads `.weight` of projections
@@ -70,45 +69,6 @@ class _Adapter(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
-
-    @property
-    def param_dtype(self) -> torch.dtype:  # pragma: no cover - overridden
-        """The adapter's parameters' dtype."""
-        raise NotImplementedError
-
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """The fused path returns no gradient for the base, so it serves only while the base is frozen;
-        and it computes in one dtype, so without autocast only when the input has the adapter's dtype
-        (the unfused path computes the adapter in its own dtype, e.g. fp32 next to a bf16 base).
-        Under torch.compile the unfused path serves: the compiler fuses it itself, and dynamo cannot trace
-        the fused function (it takes one tensor twice and writes into strided `out=` views), which
-        would break the graph at every layer."""
-        b = self.base.bias
-        if self.base.weight.requires_grad or (b is not None and b.requires_grad) or torch.compiler.is_compiling():
-            return False
-        return x.dtype == self.param_dtype or torch.is_autocast_enabled(x.device.type)
-
-    def _dropout_idle(self) -> bool:
-        """No dropout at work: a group shares one input, while dropout draws a mask per adapter."""
-        return isinstance(self.dropout, nn.Identity) or not self.training
-
-    def groupable(self, x: torch.Tensor) -> bool:
-        """Whether this adapter can be computed in a group call on x: fused, unmerged, fusable, and with no
-        dropout at work."""
-        return self.fused and not self.merged and self._fusable(x) and self._dropout_idle()
-
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused path (the caller checked fused, merged and `_fusable`): with the siblings' group when
-        they share x, else alone."""
-        if self.siblings is not None and self._dropout_idle():
-            y = self.siblings.output(self, x)
-            if y is not None:
-                return y
-        a = self.as_adapter()
-        return adapted_linear(x, self.dropout(x), *a)
-
-    def as_adapter(self) -> Adapter:  # pragma: no cover - overridden
-        raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -150,6 +110,8 @@ class LoraLinear(_Adapter):
     Initialised as PEFT does: B = 0, A Kaiming-uniform(a=√5), so the wrapped model starts unchanged.
     """
 
+    kind = "lora"  #: the adapter form, as `inject` names it
+
     def __init__(
         self,
         base: nn.Module,
@@ -171,8 +133,9 @@ class LoraLinear(_Adapter):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and not self.merged and self._fusable(x):
-            return self._fused_forward(x)
+        served = fast.forward(self, x)
+        if served is not None:
+            return served
         y = self.base(x)
         if self.merged:
             return y
@@ -180,14 +143,6 @@ class LoraLinear(_Adapter):
         # the scale goes into the (out, r) factor: a weight-sized multiply, not a token-sized one
         d = F.linear(F.linear(h, self.lora_A), self.lora_B * self.scale)
         return y + d.to(y.dtype)
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        return self.lora_A.dtype
-
-    def as_adapter(self) -> Adapter:
-        return Adapter(self.base.weight, self.base.bias, "lora", self.lora_A, self.lora_B, None, self.scale,
-                       self.transposed)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in (out, in) orientation, scale included."""
@@ -204,6 +159,8 @@ class SVDLinear(_Adapter):
     (α/√r_init with rsLoRA) for the whole run: pruning or shrinking ranks never changes it, so
     the function of the kept triplets is unchanged by a shrink.
     """
+
+    kind = "svd"  #: the adapter form, as `inject` names it
 
     def __init__(
         self,
@@ -233,9 +190,9 @@ class SVDLinear(_Adapter):
         return self.lam.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (a rank-0 adapter too: the fused function computes the base alone, and it may be in a group)
-        if self.fused and not self.merged and self._fusable(x):
-            return self._fused_forward(x)
+        served = fast.forward(self, x)
+        if served is not None:
+            return served
         y = self.base(x)
         if self.merged or self.r == 0:
             return y
@@ -244,13 +201,6 @@ class SVDLinear(_Adapter):
         # forward is LoRA's two thin matmuls plus one tiny op.
         d = F.linear(F.linear(h, self.Q * (self.lam * self.scale)[:, None]), self.P)
         return y + d.to(y.dtype)
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        return self.Q.dtype
-
-    def as_adapter(self) -> Adapter:
-        return Adapter(self.base.weight, self.base.bias, "svd", self.Q, self.P, self.lam, self.scale, self.transposed)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in (out, in) orientation, scale included."""

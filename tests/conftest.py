@@ -10,7 +10,7 @@ import os
 
 import torch
 
-# Without a GPU, adarank/kernels.py's Triton kernels run in Triton's interpreter (fp16 only), so the CPU tests
+# Without a GPU, adarank/fast/kernels.py's Triton kernels run in Triton's interpreter (fp16 only), so the CPU tests
 # cover them: this must be set before adarank (and with it Triton) is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -132,7 +132,7 @@ def test_layer_ab_candidates_compute_the_adapted_linear(kind, r, swap, lean):
 @pytest.mark.parametrize("kind,r", [("lora", 8), ("svd", 12), ("lora", 5)])
 def test_layer_ab_steps_give_the_unfused_gradients(kind, r, monkeypatch):
     """layer_ab.py's step for each implementation it times on a GPU (fused one by one, grouped as
-    adarank/siblings.py groups q/k/v and gate/up, and both inside grads_into_buffers), run on a CPU in fp32
+    adarank/fast/siblings.py groups q/k/v and gate/up, and both inside grads_into_buffers), run on a CPU in fp32
     on tiny shapes: every one leaves the unfused step's gradients in the persistent buffers."""
     import torch
 

@@ -1,20 +1,21 @@
 """Frozen linear layers plus their low-rank adapters in one autograd function: y = x·Wᵀ + bias + (h·aᵀ)·bᵀ.
 
-`method.fused` selects it for both adapter kinds (LoRA: a = A, b = scale·B; SVD: a = diag(λ·scale)·Q,
-b = P). Against the unfused path (base linear, two thin matmuls, then `y + d`, with autograd summing
-the input gradients) it saves work on token-sized tensors, which is what adapters cost on a GPU:
+The adapter layers' `fused` switch (`method.fused` in the runner) selects it for both adapter kinds (LoRA:
+a = A, b = scale·B; SVD: a = diag(λ·scale)·Q, b = P). Against the unfused path (base linear, two thin
+matmuls, then `y + d`, with autograd summing the input gradients) it saves work on token-sized tensors,
+which is what adapters cost on a GPU:
 - the adapter's thin matmul writes y and the base's matmul adds itself to it in its epilogue (`addmm_`),
   with no separate add; backward does the same for the input gradient when the adapter sees the base's
   input (no dropout), instead of two tensors and a sum;
-- several adapted layers that read one input (q, k and v; gate and up: adarank/siblings.py) form one
+- several adapted layers that read one input (q, k and v; gate and up: adarank/fast/siblings.py) form one
   call: their factors are stacked, so the input is read once by the forward's thin matmul and once by
   the A-side gradient's, and their input gradients are summed in the base matmuls' epilogues;
 - the rank dimension is zero-padded to a multiple of 8 (16 where the Triton kernels serve), so the thin
   matmuls get tensor-core aligned operands at any rank (an SVD adapter at rank 12, or after pruning,
   otherwise falls back to slow kernels). Zero columns add exact zeros: the function is unchanged;
-- on a GPU with Triton, the thin products on token-sized tensors run in adarank/kernels.py: the forward's
-  t·bᵀ in large tiles (its kernel reads b's parameter and writes backward's bf16 copy on the way), and
-  backward's grad_t = g·b with the b gradient gᵀ·t in one pass over g instead of two cuBLAS GEMMs;
+- on a GPU with Triton, the thin products on token-sized tensors run in adarank/fast/kernels.py: the
+  forward's t·bᵀ in large tiles (its kernel reads b's parameter and writes backward's bf16 copy on the
+  way), and backward's grad_t = g·b with the b gradient gᵀ·t in one pass over g instead of two cuBLAS GEMMs;
 - each factor is cast, scaled and padded by one kernel, and on a GPU the parameters' fp32 gradients come
   straight out of the GEMMs (`out_dtype`), so a layer adds few tiny kernels to a step. Inside
   `grads_into_buffers()` (the CUDA-graph step) those GEMMs also add themselves into the existing `.grad`
@@ -41,8 +42,8 @@ __all__ = ["ALIGN", "Adapter", "adapted_linear", "adapted_linears", "grads_into_
 
 #: the rank dimension is padded to a multiple of this (16 bytes of bf16/fp16: tensor-core alignment)
 ALIGN = 8
-#: ... and of this where adarank/kernels.py computes the thin products: their tiles are 16 wide, and rows of
-#: 32 bytes let them load t, b and grad_t in whole vectors
+#: ... and of this where adarank/fast/kernels.py computes the thin products: their tiles are 16 wide, and rows
+#: of 32 bytes let them load t, b and grad_t in whole vectors
 KERNEL_ALIGN = 16
 
 
@@ -112,19 +113,6 @@ def _b_factor(kind: str, p2: torch.Tensor, scale: float, dt: torch.dtype, rp: in
     return b
 
 
-def _factors(kind: str, p1: torch.Tensor, p2: torch.Tensor, lam: torch.Tensor | None, scale: float,
-             dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(a, b, v) of one adapter, each factor in the compute dtype with the rank padded to ALIGN (see
-    `_a_factor` and `_b_factor`)."""
-    r = p1.shape[0]
-    rp = _padded(r)
-    a = p1.new_empty((rp, p1.shape[1]), dtype=dt)
-    if rp != r:
-        a[r:].zero_()
-    v = _a_factor(kind, p1, lam, scale, a)
-    return a, _b_factor(kind, p2, scale, dt, rp), v
-
-
 #: torch.mm / torch.addmm take `out_dtype` (torch >= 2.8; CUDA): a bf16 GEMM can write fp32 directly
 _OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
 
@@ -156,6 +144,26 @@ def _give(p: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+#: `_AdaptedLinears` takes x, h and meta (`_LEADING` inputs), then five tensors per adapter (weight, bias, p1,
+#: p2, lam); these are the factors' positions among the five (backward returns gradients in the same order)
+_LEADING = 3
+_P1, _P2, _LAM = 2, 3, 4
+
+
+def _needs(ctx, i: int, k: int) -> bool:
+    """Whether autograd wants the gradient of adapter i's tensor k (`_P1`, `_P2`, `_LAM`)."""
+    return ctx.needs_input_grad[_LEADING + 5 * i + k]
+
+
+def _into(ctx, i: int, k: int) -> torch.Tensor | None:
+    """Adapter i's parameter k (`_P1`, `_P2`, `_LAM`) when backward adds its gradient into its .grad (inside
+    `grads_into_buffers`, and it has one), else None: the gradient goes to autograd."""
+    if ctx.into is None:
+        return None
+    p = ctx.into[k - _P1][i]
+    return p if p.grad is not None else None
+
+
 class _AdaptedLinears(torch.autograd.Function):
     """One autograd node for n base + adapter pairs that read one input: the factor preparation (scale, λ,
     cast, padding) happens inside, so eager mode dispatches a handful of ops per layer instead of a chain
@@ -175,7 +183,7 @@ class _AdaptedLinears(torch.autograd.Function):
         n = len(meta)
         ws, biases, p1s, p2s, lams = (tensors[k::5] for k in range(5))
         x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-        use_k = kernels.available(x2)  # the thin products in adarank/kernels.py (decided once, for backward too)
+        use_k = kernels.available(x2)  # the thin products in kernels.py (decided once, for backward too)
         ranks = [p1.shape[0] for p1 in p1s]
         # per adapter: do the kernels compute its thin products? The forward's reads b's parameter itself and
         # writes backward's padded bf16 b on the way, so preparing b costs no kernel of its own
@@ -210,102 +218,124 @@ class _AdaptedLinears(torch.autograd.Function):
         ctx.meta, ctx.ranks, ctx.pads, ctx.offs, ctx.same_input, ctx.ks = meta, ranks, pads, offs, h is x, ks
         ctx.set_materialize_grads(False)  # an output nobody used gets None, not zeros: its adapter is skipped
         # the parameters themselves, so that backward can reach their .grad (only inside grads_into_buffers)
-        ctx.into = (p1s, p2s, lams) if _INTO_GRAD else None
+        ctx.into = (p1s, p2s, lams) if _INTO_GRAD else None  # in the order _P1, _P2, _LAM
         ctx.dtypes = [(p1s[i].dtype, p2s[i].dtype, lams[i].dtype if lams[i] is not None else None) for i in range(n)]
         ctx.save_for_backward(h, a_all, t_all, *ws, *bs, *vs, *p1s)
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grads):
-        meta, ranks, pads, offs, n = ctx.meta, ctx.ranks, ctx.pads, ctx.offs, len(ctx.meta)
+        n = len(ctx.meta)
         saved = ctx.saved_tensors
         h, a_all, t_all = saved[:3]
         ws, bs, vs, p1s = (saved[3 + k * n:3 + (k + 1) * n] for k in range(4))
         need = ctx.needs_input_grad
         h2 = h.reshape(-1, h.shape[-1])
         gs = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
-        live = [bool(ranks[i]) and gs[i] is not None for i in range(n)]  # adapters a gradient flows through
-        wants = [(need[5 + 5 * i] or need[7 + 5 * i], need[6 + 5 * i]) for i in range(n)]  # (a side, b side)
-        out: list[torch.Tensor | None] = [None] * (5 * n)
-
-        def into(k: int, i: int) -> torch.Tensor | None:
-            """The parameter whose .grad to add into (k: 0 p1, 1 p2, 2 lam), or None: hand it to autograd."""
-            if ctx.into is None:
-                return None
-            p = ctx.into[k][i]
-            return p if p.grad is not None else None
-
+        live = [bool(ctx.ranks[i]) and gs[i] is not None for i in range(n)]  # adapters a gradient flows through
+        out: list[torch.Tensor | None] = [None] * (5 * n)  # per adapter: (weight, bias, p1, p2, lam)
         need_in = need[0] or need[1]
-        a_side = [i for i in range(n) if live[i] and wants[i][0]]
+        a_side = [i for i in range(n) if live[i] and (_needs(ctx, i, _P1) or _needs(ctx, i, _LAM))]
         grad_t = None
         if a_all is not None and any(live) and (need_in or a_side):
             grad_t = t_all.new_empty(t_all.shape)
-        # grad_t = g·b and the b side's gradient gᵀ·t, per adapter (one pass over g where the kernels serve)
         for i in range(n):
-            if not ranks[i]:
-                continue
-            span = slice(offs[i], offs[i] + pads[i])
-            gt = grad_t[:, span] if grad_t is not None else None
-            if gs[i] is None:
-                if gt is not None:
-                    gt.zero_()
-                continue
-            t = t_all[:, offs[i]:offs[i] + ranks[i]]
-            alpha = _b_scale(meta[i])  # LoRA's b = scale·B: its gradient is scale·gᵀ·t
-            p2 = into(1, i)
-            gb = p2.grad if p2 is not None else None
-            want_b = wants[i][1]
-            if ctx.ks[i]:  # both products in one pass over g (gᵀ·t through cuBLAS if its gradient is not fp32)
-                k_gb = want_b and _fp32_rows(ctx.dtypes[i][1], gb)
-                if k_gb and gb is None:
-                    gb = out[5 * i + 3] = torch.zeros((gs[i].shape[1], ranks[i]), dtype=torch.float32,
-                                                      device=gs[i].device)
-                kernels.lowrank_grads(gs[i], bs[i], t_all[:, span], gt, gb if k_gb else None, alpha)
-                want_b = want_b and not k_gb
-            elif gt is not None:
-                torch.mm(gs[i], bs[i], out=gt)
-            if want_b:
-                if gb is None:
-                    out[5 * i + 3] = _mm(gs[i].t(), t, ctx.dtypes[i][1], alpha)
-                else:
-                    _mm(gs[i].t(), t, ctx.dtypes[i][1], alpha, acc=gb)
-        if len(a_side) == 1 and meta[a_side[0]][0] == "lora" and into(0, a_side[0]) is not None:
-            # one LoRA adapter wants its A gradient: it accumulates straight into A.grad
-            i = a_side[0]
-            _mm(grad_t[:, offs[i]:offs[i] + ranks[i]].t(), h2, ctx.dtypes[i][0], acc=into(0, i).grad)
-            a_side = []
-        if a_side:
-            grad_a = _mm(grad_t.t(), h2, ctx.dtypes[a_side[0]][0])  # (R, in): the input is read once
-            for i in a_side:
-                kind, scale = meta[i]
-                ga = grad_a[offs[i]:offs[i] + ranks[i]].to(ctx.dtypes[i][0])
-                if kind == "lora":
-                    out[5 * i + 2] = _give(into(0, i), ga)
-                    continue
-                if need[5 + 5 * i]:  # a = diag(v)·Q
-                    q = into(0, i)
-                    if q is None:
-                        out[5 * i + 2] = ga * vs[i][:, None]
-                    else:
-                        q.grad.addcmul_(ga, vs[i][:, None])
-                if need[7 + 5 * i]:
-                    gl = torch.linalg.vecdot(ga, p1s[i]).to(ctx.dtypes[i][2])
-                    lam = into(2, i)
-                    if lam is None:
-                        out[5 * i + 4] = gl.mul_(scale)
-                    else:
-                        lam.grad.add_(gl, alpha=scale)
-        grad_x = grad_h = None
-        if ctx.same_input and need_in:
-            grad_x = _input_grad(gs, ws, grad_t, a_all)
-        else:
-            if need[0]:
-                grad_x = _input_grad(gs, ws, None, None)
-            if need[1] and grad_t is not None:
-                grad_h = torch.mm(grad_t, a_all).view(h.shape)
-        if grad_x is not None:
-            grad_x = grad_x.view(*h.shape[:-1], -1)
+            if ctx.ranks[i]:
+                _grad_t_and_b(ctx, i, gs[i], bs[i], t_all, grad_t, out)
+        _a_side_grads(ctx, a_side, grad_t, h2, vs, p1s, out)
+        grad_x, grad_h = _input_grads(ctx, gs, ws, grad_t, a_all, h, need_in)
         return (grad_x, grad_h, None, *out)
+
+
+def _grad_t_and_b(ctx, i: int, g: torch.Tensor | None, b: torch.Tensor, t_all: torch.Tensor,
+                  grad_t: torch.Tensor | None, out: list[torch.Tensor | None]) -> None:
+    """Adapter i's columns of grad_t = g·b, and the b side's gradient gᵀ·t (into `out` or the parameter's
+    .grad); one pass over g where the kernels serve. Columns of an adapter whose output got no gradient
+    are zeros."""
+    span = slice(ctx.offs[i], ctx.offs[i] + ctx.pads[i])
+    gt = grad_t[:, span] if grad_t is not None else None
+    if g is None:
+        if gt is not None:
+            gt.zero_()
+        return
+    t = t_all[:, ctx.offs[i]:ctx.offs[i] + ctx.ranks[i]]
+    alpha = _b_scale(ctx.meta[i])  # LoRA's b = scale·B: its gradient is scale·gᵀ·t
+    p2 = _into(ctx, i, _P2)
+    gb = p2.grad if p2 is not None else None
+    want_b = _needs(ctx, i, _P2)
+    if ctx.ks[i]:  # both products in one pass over g (gᵀ·t through cuBLAS if its gradient is not fp32)
+        k_gb = want_b and _fp32_rows(ctx.dtypes[i][1], gb)
+        if k_gb and gb is None:
+            gb = out[5 * i + _P2] = torch.zeros((g.shape[1], ctx.ranks[i]), dtype=torch.float32, device=g.device)
+        kernels.lowrank_grads(g, b, t_all[:, span], gt, gb if k_gb else None, alpha)
+        want_b = want_b and not k_gb
+    elif gt is not None:
+        torch.mm(g, b, out=gt)
+    if want_b:
+        if gb is None:
+            out[5 * i + _P2] = _mm(g.t(), t, ctx.dtypes[i][1], alpha)
+        else:
+            _mm(g.t(), t, ctx.dtypes[i][1], alpha, acc=gb)
+
+
+def _a_side_grads(ctx, a_side: list[int], grad_t: torch.Tensor | None, h2: torch.Tensor,
+                  vs: Sequence[torch.Tensor | None], p1s: Sequence[torch.Tensor],
+                  out: list[torch.Tensor | None]) -> None:
+    """The a side's gradients of the adapters in `a_side` (those that want them): grad_tᵀ·h, one GEMM for the
+    group (the input is read once), then each adapter's share (see `_give_a_grad`)."""
+    if len(a_side) == 1 and ctx.meta[a_side[0]][0] == "lora" and _into(ctx, a_side[0], _P1) is not None:
+        # one LoRA adapter wants its A gradient: it accumulates straight into A.grad
+        i = a_side[0]
+        span = slice(ctx.offs[i], ctx.offs[i] + ctx.ranks[i])
+        _mm(grad_t[:, span].t(), h2, ctx.dtypes[i][0], acc=_into(ctx, i, _P1).grad)
+        return
+    if not a_side:
+        return
+    grad_a = _mm(grad_t.t(), h2, ctx.dtypes[a_side[0]][0])  # (R, in): the input is read once
+    for i in a_side:
+        ga = grad_a[ctx.offs[i]:ctx.offs[i] + ctx.ranks[i]].to(ctx.dtypes[i][0])
+        _give_a_grad(ctx, i, ga, vs[i], p1s[i], out)
+
+
+def _give_a_grad(ctx, i: int, ga: torch.Tensor, v: torch.Tensor | None, p1: torch.Tensor,
+                 out: list[torch.Tensor | None]) -> None:
+    """From adapter i's gradient of its a factor: LoRA's A gradient (a = A); SVD's Q and λ gradients
+    (a = diag(v)·Q, v = λ·scale), each into `out` or the parameter's .grad."""
+    kind, scale = ctx.meta[i]
+    if kind == "lora":
+        out[5 * i + _P1] = _give(_into(ctx, i, _P1), ga)
+        return
+    if _needs(ctx, i, _P1):  # a = diag(v)·Q
+        q = _into(ctx, i, _P1)
+        if q is None:
+            out[5 * i + _P1] = ga * v[:, None]
+        else:
+            q.grad.addcmul_(ga, v[:, None])
+    if _needs(ctx, i, _LAM):
+        gl = torch.linalg.vecdot(ga, p1).to(ctx.dtypes[i][2])
+        lam = _into(ctx, i, _LAM)
+        if lam is None:
+            out[5 * i + _LAM] = gl.mul_(scale)
+        else:
+            lam.grad.add_(gl, alpha=scale)
+
+
+def _input_grads(ctx, gs: Sequence[torch.Tensor | None], ws: Sequence[torch.Tensor], grad_t: torch.Tensor | None,
+                 a_all: torch.Tensor | None, h: torch.Tensor,
+                 need_in: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(gradient of x, gradient of h): one fused tensor when h is x, else each as autograd asks."""
+    need = ctx.needs_input_grad
+    grad_x = grad_h = None
+    if ctx.same_input and need_in:
+        grad_x = _input_grad(gs, ws, grad_t, a_all)
+    else:
+        if need[0]:
+            grad_x = _input_grad(gs, ws, None, None)
+        if need[1] and grad_t is not None:
+            grad_h = torch.mm(grad_t, a_all).view(h.shape)
+    if grad_x is not None:
+        grad_x = grad_x.view(*h.shape[:-1], -1)
+    return grad_x, grad_h
 
 
 def _b_scale(meta: tuple[str, float]) -> float:
@@ -331,15 +361,16 @@ def _input_grad(gs: Sequence[torch.Tensor | None], ws: Sequence[torch.Tensor], g
     return gx
 
 
-def adapted_linears(x: torch.Tensor, h: torch.Tensor, adapters: Sequence[Adapter]) -> tuple[torch.Tensor, ...]:
-    """base_i(x) + adapter_i(h) for every adapter, computed together (see the module docstring). Pass
-    `h is x` when there is no dropout: backward then fuses the input gradients. Returns the outputs in the
-    compute dtype (the autocast dtype, else x's)."""
+def adapted_linears(x: torch.Tensor, adapter_input: torch.Tensor,
+                    adapters: Sequence[Adapter]) -> tuple[torch.Tensor, ...]:
+    """base_i(x) + adapter_i(adapter_input) for every adapter, computed together (see the module docstring).
+    Pass `adapter_input is x` when there is no dropout: backward then fuses the input gradients. Returns the
+    outputs in the compute dtype (the autocast dtype, else x's)."""
     dev = x.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    same = h is x
+    same = adapter_input is x
     x = x.to(dt)
-    h = x if same else h.to(dt)
+    h = x if same else adapter_input.to(dt)
     flat: list[torch.Tensor | None] = []
     for a in adapters:
         w = (a.weight.t() if a.transposed else a.weight).to(dt)
@@ -349,8 +380,8 @@ def adapted_linears(x: torch.Tensor, h: torch.Tensor, adapters: Sequence[Adapter
         return _AdaptedLinears.apply(x, h, meta, *flat)
 
 
-def adapted_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def adapted_linear(x: torch.Tensor, adapter_input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    kind: str, p1: torch.Tensor, p2: torch.Tensor, lam: torch.Tensor | None = None,
                    scale: float = 1.0, transposed: bool = False) -> torch.Tensor:
-    """base(x) + adapter(h) for one adapter (the arguments of `Adapter`)."""
-    return adapted_linears(x, h, (Adapter(weight, bias, kind, p1, p2, lam, scale, transposed),))[0]
+    """base(x) + adapter(adapter_input) for one adapter (the other arguments are those of `Adapter`)."""
+    return adapted_linears(x, adapter_input, (Adapter(weight, bias, kind, p1, p2, lam, scale, transposed),))[0]

@@ -16,7 +16,7 @@ The step has two static halves with a dynamic part between them, so there are tw
 The rank allocator runs eagerly between `update()` and `zero_grads()`: its schedule decides on the host
 what each step does. It reads the gradients, which therefore live in buffers that last for the whole
 run (never None), are accumulated into by every backward, and are zeroed in place by `zero_grads()`.
-Fused adapters (adarank/fused.py) accumulate into them straight from their weight-gradient GEMMs.
+Fused adapters (adarank/fast/fused.py) accumulate into them straight from their weight-gradient GEMMs.
 After a shrink swaps parameters, `reset()` drops every graph.
 
 The first use of each shape, and the first update, run eagerly: lazy initialisation (cuBLAS handles,
@@ -144,7 +144,7 @@ class GraphedStep:
                 # left: go back to the stream the step was using
                 torch.cuda.set_stream(stream)
                 self.capture_error = str(e).strip().splitlines()[-1]
-                warnings.warn(f"train.cuda_graph: the forward cannot be captured, micro-batches run eagerly: "
+                warnings.warn(f"GraphedStep: the forward cannot be captured, micro-batches run eagerly: "
                               f"{self.capture_error}", stacklevel=2)
                 return self._eager_micro(batch)
         else:

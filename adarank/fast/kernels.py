@@ -1,4 +1,4 @@
-"""Triton kernels for the adapters' token-sized low-rank products (used by adarank/fused.py on a GPU).
+"""Triton kernels for the adapters' token-sized low-rank products (used by adarank/fast/fused.py on a GPU).
 
 An adapter of rank r on N tokens computes, besides its base matmul, products whose one side is thin:
 - forward: y = t·bᵀ (N × out, from t = h·aᵀ of N × r), which the base matmul then adds itself to;

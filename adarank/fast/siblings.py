@@ -1,4 +1,4 @@
-"""Fused adapters that read the same input tensor run as one call (`method.fused`).
+"""Fused adapters that read the same input tensor run as one call (layers with `fused` set).
 
 q, k and v of an attention block, and gate and up of a gated MLP, are called one after another on one
 tensor. Computed together (`fused.adapted_linears`), their adapters read that tensor once instead of once
@@ -24,12 +24,12 @@ Which adapters share an input is learned at run time, not from module names:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 from torch import nn
 
-from .fused import Adapter, adapted_linears
+from .fused import adapted_linears
+from .serve import adapter_of, groupable
 
 __all__ = ["ForwardCount", "Siblings", "link_siblings"]
 
@@ -45,14 +45,6 @@ class ForwardCount:
         self.n += 1
 
 
-class _Member(Protocol):
-    in_features: int
-
-    def groupable(self, x: torch.Tensor) -> bool: ...
-
-    def as_adapter(self) -> Adapter: ...
-
-
 class _Group:
     """Members (by position among the siblings) that read one tensor, and the outputs of the last group call
     that are not yet taken. Positions, not ids: a deep copy of the model keeps them valid."""
@@ -66,7 +58,7 @@ class _Group:
 class Siblings:
     """The candidate adapters under one parent with one input width (see the module docstring)."""
 
-    def __init__(self, members: Sequence[_Member], clock: ForwardCount) -> None:
+    def __init__(self, members: Sequence[nn.Module], clock: ForwardCount) -> None:
         self.members = tuple(members)
         self.clock = clock
         self.groups: list[_Group | None] | None = None  # per member its group, once observed
@@ -74,15 +66,15 @@ class Siblings:
         self.dissolved = False
         self._seen: dict[int, torch.Tensor] = {}  # while observing: position -> the input it got
 
-    def group_of(self, m: _Member) -> tuple[_Member, ...]:
-        """The members m is grouped with (m included), or () if none (yet)."""
-        g = self.groups[self._pos(m)] if self.groups else None
+    def group_of(self, member: nn.Module) -> tuple[nn.Module, ...]:
+        """The members `member` is grouped with (itself included), or () if none (yet)."""
+        g = self.groups[self._pos(member)] if self.groups else None
         return tuple(self.members[i] for i in g.positions) if g is not None else ()
 
-    def output(self, m: _Member, x: torch.Tensor) -> torch.Tensor | None:
-        """m's output on x computed together with its group, or None: m computes alone. The caller has
-        checked that m itself is `groupable(x)`."""
-        i = self._pos(m)
+    def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The output of `member` on x computed together with its group, or None: it computes alone. The
+        caller (serve.forward) has checked that `member` itself is groupable on x."""
+        i = self._pos(member)
         if self.groups is None:
             self._observe(i, x)
             return None
@@ -98,9 +90,9 @@ class Siblings:
             self.dissolve()
             return None
         members = [self.members[j] for j in g.positions]
-        if not all(o is m or o.groupable(x) for o in members):
+        if not all(o is member or groupable(o, x) for o in members):
             return None
-        ys = adapted_linears(x, x, [o.as_adapter() for o in members])
+        ys = adapted_linears(x, x, [adapter_of(o) for o in members])
         g.pending = {j: y for j, y in zip(g.positions, ys) if j != i}
         g.input = x
         return ys[g.positions.index(i)]
@@ -109,8 +101,8 @@ class Siblings:
         """Every member computes alone from now on (kept outputs are dropped)."""
         self.groups, self.dissolved, self._seen = [], True, {}
 
-    def _pos(self, m: _Member) -> int:
-        return next(i for i, o in enumerate(self.members) if o is m)
+    def _pos(self, member: nn.Module) -> int:
+        return next(i for i, o in enumerate(self.members) if o is member)
 
     def _observe(self, i: int, x: torch.Tensor) -> None:
         if i in self._seen:  # a second round has begun: settle on what the first one saw
@@ -139,9 +131,9 @@ def link_siblings(model: nn.Module, adapters: Sequence[tuple[str, nn.Module]]) -
     clock = ForwardCount()
     model.register_forward_pre_hook(clock)
     by_parent: dict[tuple[str, int], list[nn.Module]] = {}
-    for name, m in adapters:
-        by_parent.setdefault((name.rpartition(".")[0], m.in_features), []).append(m)
-    for ms in by_parent.values():
-        s = Siblings(ms, clock) if len(ms) > 1 else None
-        for m in ms:
-            m.siblings = s
+    for name, layer in adapters:
+        by_parent.setdefault((name.rpartition(".")[0], layer.in_features), []).append(layer)
+    for layers in by_parent.values():
+        siblings = Siblings(layers, clock) if len(layers) > 1 else None
+        for layer in layers:
+            layer.siblings = siblings

@@ -71,8 +71,8 @@ def _variants(overrides: list[str]) -> list[list[str]] | None:
     by_key: dict[str, list[str]] = {}  # a later override of a key replaces it in place, as in Hydra's sweeper
     for o in parsed:
         key = o.get_key_element()
-        if key.lstrip("+~").startswith("hydra"):
-            continue
+        if key.lstrip("+~").startswith("hydra") and key.lstrip("+~") != "hydra.searchpath":
+            continue  # Hydra's own settings, except where configs are found (a user's conf/method/ files)
         if o.is_sweep_override():
             try:
                 vals = list(o.sweep_string_iterator())
@@ -135,11 +135,12 @@ def prevalidate(argv: list[str]) -> str | None:
 
 def preflight(cfg: Config) -> int:
     """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
-    from .data import get_task
     from ..inject import find_targets, unfreeze
-    from .methods import method_budget, method_targets
-    from .models import resolve_path, tokenizer_source
     from ..schedule import make_schedule
+    from .data import get_task
+    from .methods import METHODS, method_budget, method_targets
+    from .models import meta_model, resolve_path, tokenizer_source
+    from .peft_baselines import peft_task_type
     from .train import check_cuda_graph, pick_device, total_steps
 
     get_task(cfg.task.name)
@@ -153,19 +154,18 @@ def preflight(cfg: Config) -> int:
     # train.max_steps fixes it, its schedule is checked when training starts
     known_T = not data.task.is_causal or cfg.train.max_steps is not None
     T = total_steps(n_batches, cfg.train.epochs, cfg.train.grad_accum, cfg.train.max_steps)
-    model = _meta_model(cfg, data.task.num_labels, data.task.is_causal)
-    m = cfg.method
-    if m.name.startswith("peft_"):
-        from .methods import peft_task_type
-
+    mc, m = cfg.model, cfg.method
+    model = meta_model(mc.name_or_path, None if data.task.is_causal else data.task.num_labels, mc.random_config,
+                       mc.config_overrides)
+    spec = METHODS[m.name]
+    if spec.peft:
         peft_task_type(model)  # PEFT's model class needs a known head
-    if m.name != "full":
-        names = find_targets(model, method_targets(m, cfg.model), m.target_regex)
-        unfreeze(model, cfg.model.train_modules)
-        if m.adaptive:
-            method_budget(model, m, names)
-            if known_T:
-                make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
+    names = find_targets(model, method_targets(m, mc), m.target_regex)
+    unfreeze(model, mc.train_modules)
+    if spec.adaptive:
+        method_budget(model, m, names)
+        if known_T:
+            make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
     resolve_path(tokenizer_source(cfg.model.name_or_path, cfg.model.tokenizer))
     return T
 
@@ -176,50 +176,6 @@ def _load_task_cached(*key):
     from .data import load_task
 
     return load_task(*key)
-
-
-def _meta_model(cfg: Config, num_labels: int, causal: bool = False):
-    """The model's module structure on the meta device: no weights are read or allocated."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, LlamaConfig
-
-    from .models import override_config, resolve_path
-
-    name = cfg.model.name_or_path
-    overrides = cfg.model.config_overrides
-    if causal:
-        if name == "random":
-            mcfg = LlamaConfig(**cfg.model.random_config)
-        elif name == "smollm2":
-            from .gguf import smollm2_path
-
-            path = os.environ.get("ADARANK_SMOLLM2") or smollm2_path()
-            folder, fname = os.path.split(os.path.abspath(path))
-            if overrides:
-                raise ValueError("model.config_overrides: not supported for the GGUF model smollm2")
-            mcfg = AutoConfig.from_pretrained(folder, gguf_file=fname)
-        else:
-            mcfg = AutoConfig.from_pretrained(resolve_path(name))
-        with torch.device("meta"), _built_with(overrides):
-            return AutoModelForCausalLM.from_config(override_config(mcfg, overrides))
-    if name == "random":
-        mcfg = BertConfig(num_labels=num_labels, **cfg.model.random_config)
-    else:
-        mcfg = AutoConfig.from_pretrained(resolve_path(name), num_labels=num_labels)
-    override_config(mcfg, overrides)
-    with torch.device("meta"), _built_with(overrides):
-        return AutoModelForSequenceClassification.from_config(mcfg)
-
-
-@contextlib.contextmanager
-def _built_with(overrides: dict):
-    """A model that cannot be built from overridden config values is the overrides' fault: say so."""
-    try:
-        yield
-    except (KeyError, ValueError, TypeError) as e:
-        if not overrides:
-            raise
-        raise ValueError(f"model.config_overrides: the model cannot be built with {dict(overrides)}: {e!r}") from None
 
 
 def check_out_dir(out_dir: str, cfg: Config) -> None:
@@ -306,6 +262,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     # Run under the importable name `adarank.runner.cli`, not `__main__`: launchers that pickle the task (joblib's
     # loky workers) must find its functions by module name in a fresh process.
-    from adarank.run import main as _main
+    from adarank.runner.cli import main as _main
 
     _main()

@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-METHODS = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -110,8 +109,8 @@ class MethodConfig:
     """Adapter parameter dtype."""
     fused: bool = False
     """lora/rslora/adalora: compute each adapted layer (frozen base + adapter) in one autograd function
-    (adarank/fused.py), and adapted layers called on one tensor (q, k, v; gate, up) as one such function
-    (adarank/siblings.py): fewer passes over activations and tensor-core aligned ranks, so faster on a GPU.
+    (adarank/fast/fused.py), and adapted layers called on one tensor (q, k, v; gate, up) as one such function
+    (adarank/fast/siblings.py): fewer passes over activations and tensor-core aligned ranks, so faster on a GPU.
     Equal to the unfused path up to rounding; off by default because the results in results/ were
     produced without it. Under train.compile the layers take the unfused path, which the compiler fuses."""
     lr: Optional[float] = None
@@ -146,8 +145,10 @@ class MethodConfig:
     def __post_init__(self) -> None:
         from ..importance import SCORES
         from ..orth import ORTH_FORMS
+        from .methods import METHODS
 
-        _check(self.name in METHODS, "method.name", f"unknown method {self.name!r}; choose one of {METHODS}")
+        names = tuple(METHODS)
+        _check(self.name in METHODS, "method.name", f"unknown method {self.name!r}; choose one of {names}")
         if self.name != "full":
             _check(self.r >= 1, "method.r", f"must be >= 1, got {self.r}")
         if self.alpha_ratio is not None:
@@ -155,8 +156,9 @@ class MethodConfig:
             self.alpha = self.alpha_ratio * max(self.r, 1)
         _check(self.alpha > 0, "method.alpha", f"must be > 0, got {self.alpha}")
         _check(0 <= self.dropout < 1, "method.dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(not self.fused or self.name in ("lora", "rslora", "adalora"), "method.fused",
-               f"only for lora, rslora and adalora, not {self.name}")
+        fusable = [n for n, spec in METHODS.items() if spec.fusable]
+        _check(not self.fused or self.name in fusable, "method.fused",
+               f"only for {', '.join(fusable[:-1])} and {fusable[-1]}, not {self.name}")
         _check(self.adapter_dtype in DTYPES, "method.adapter_dtype", f"must be one of {DTYPES}")
         _check(self.lr is None or self.lr > 0, "method.lr", f"must be > 0, got {self.lr}")
         _check(self.init_rank is None or self.init_rank >= 1, "method.init_rank", f"must be >= 1, got {self.init_rank}")
@@ -175,7 +177,10 @@ class MethodConfig:
 
     @property
     def adaptive(self) -> bool:
-        return self.name in ("adalora", "peft_adalora")
+        """Whether the method allocates rank (then method.r is the final average rank)."""
+        from .methods import METHODS
+
+        return METHODS[self.name].adaptive
 
 
 @dataclass

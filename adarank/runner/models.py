@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["resolve_path", "tokenizer_source", "load_tokenizer", "load_model", "load_causal_lm", "override_config", "DTYPES"]
+__all__ = ["resolve_path", "tokenizer_source", "load_tokenizer", "model_config", "load_model", "load_causal_lm", "meta_model",
+           "override_config", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,6 +76,31 @@ def override_config(mcfg: Any, overrides: dict | None) -> Any:
     return mcfg
 
 
+def model_config(name_or_path: str, num_labels: int | None, random_config: dict | None = None,
+                 vocab_size: int | None = None, config_overrides: dict | None = None) -> Any:
+    """The transformers config of the model: sequence classification with `num_labels` (regression when it is
+    1), a causal LM when `num_labels` is None; `model.config_overrides` applied."""
+    from transformers import AutoConfig, BertConfig, LlamaConfig
+
+    if num_labels is None:  # a causal LM
+        if name_or_path == "smollm2":
+            from .gguf import smollm2_path
+
+            if config_overrides:
+                raise ValueError("model.config_overrides: not supported for the GGUF model smollm2")
+            folder, fname = os.path.split(os.path.abspath(os.environ.get("ADARANK_SMOLLM2") or smollm2_path()))
+            return AutoConfig.from_pretrained(folder, gguf_file=fname)
+        if name_or_path == "random":
+            return override_config(LlamaConfig(vocab_size=vocab_size or 32000, **(random_config or {})), config_overrides)
+        return override_config(AutoConfig.from_pretrained(resolve_path(name_or_path)), config_overrides)
+    problem = "regression" if num_labels == 1 else "single_label_classification"
+    if name_or_path == "random":
+        cfg = BertConfig(vocab_size=vocab_size or 30522, num_labels=num_labels, problem_type=problem, **(random_config or {}))
+    else:
+        cfg = AutoConfig.from_pretrained(resolve_path(name_or_path), num_labels=num_labels, problem_type=problem)
+    return override_config(cfg, config_overrides)
+
+
 def load_model(
     name_or_path: str,
     num_labels: int,
@@ -84,16 +111,13 @@ def load_model(
     config_overrides: dict | None = None,
 ) -> nn.Module:
     """A sequence-classification model (regression when num_labels == 1)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
     torch_dtype = DTYPES[dtype]
-    problem = "regression" if num_labels == 1 else "single_label_classification"
+    cfg = model_config(name_or_path, num_labels, random_config, vocab_size, config_overrides)
     if name_or_path == "random":
-        cfg = BertConfig(vocab_size=vocab_size or 30522, num_labels=num_labels, problem_type=problem, **(random_config or {}))
-        return BertForSequenceClassification(override_config(cfg, config_overrides)).to(torch_dtype)
-    path = resolve_path(name_or_path)
-    cfg = override_config(AutoConfig.from_pretrained(path, num_labels=num_labels, problem_type=problem), config_overrides)
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg, dtype=torch_dtype)
+        return BertForSequenceClassification(cfg).to(torch_dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_path(name_or_path), config=cfg, dtype=torch_dtype)
     if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoders need it to find the last token
     return model
@@ -103,7 +127,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", random_config: dic
                    vocab_size: int | None = None, config_overrides: dict | None = None) -> nn.Module:
     """A causal LM: `smollm2` (the PyPI GGUF, dequantised), `random` (a tiny Llama for tests), or a hub id
     or folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     torch_dtype = DTYPES[dtype]
     if name_or_path == "smollm2":
@@ -113,11 +137,32 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", random_config: dic
             raise ValueError("model.config_overrides: not supported for the GGUF model smollm2")
         model, _ = load_gguf_causal_lm(os.environ.get("ADARANK_SMOLLM2") or smollm2_path(), dtype=torch_dtype)
     elif name_or_path == "random":
-        cfg = LlamaConfig(vocab_size=vocab_size or 32000, **(random_config or {}))
-        model = LlamaForCausalLM(override_config(cfg, config_overrides)).to(torch_dtype)
+        model = LlamaForCausalLM(model_config(name_or_path, None, random_config, vocab_size, config_overrides)).to(torch_dtype)
     else:
-        path = resolve_path(name_or_path)
-        cfg = override_config(AutoConfig.from_pretrained(path), config_overrides)
-        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch_dtype)
+        cfg = model_config(name_or_path, None, random_config, vocab_size, config_overrides)
+        model = AutoModelForCausalLM.from_pretrained(resolve_path(name_or_path), config=cfg, dtype=torch_dtype)
     model.config.use_cache = False  # training needs no KV cache
     return model
+
+
+def meta_model(name_or_path: str, num_labels: int | None, random_config: dict | None = None,
+               config_overrides: dict | None = None) -> nn.Module:
+    """The model's module structure on the meta device, from the same config as `load_model` (`num_labels`)
+    or `load_causal_lm` (`num_labels=None`): no weights are read or allocated. For checks before a run."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = model_config(name_or_path, num_labels, random_config, None, config_overrides)
+    auto = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+    with torch.device("meta"), _built_with(config_overrides):
+        return auto.from_config(cfg)
+
+
+@contextlib.contextmanager
+def _built_with(overrides: dict | None):
+    """A model that cannot be built from overridden config values is the overrides' fault: say so."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError) as e:
+        if not overrides:
+            raise
+        raise ValueError(f"model.config_overrides: the model cannot be built with {dict(overrides)}: {e!r}") from None

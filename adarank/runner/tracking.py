@@ -89,7 +89,7 @@ class Tracker:
         """Log each module's rank as a table plus a layer x type heatmap image."""
         if self._run is None or not ranks:
             return
-        from adarank.studies.plots import parse_module_name, rank_heatmap
+        from .plots import parse_module_name, rank_heatmap
 
         rows = [[name, *parse_module_name(name), int(r)] for name, r in ranks.items()]
         table = self._wandb.Table(columns=["module", "layer", "type", "rank"], data=rows)

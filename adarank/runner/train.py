@@ -1,24 +1,19 @@
-"""The training loop, top to bottom: data, model, method, allocator, optimisation, evaluation, results.
+"""The training loop, top to bottom: data, model and method, optimizer, the loop, results.
 
-The loop owns the allocator: it calls `allocator.step()` after every optimizer step, on unscaled
-gradients, and adds the orthogonal regulariser's gradient itself (`orth.orth_grad_`, the gradient of
-weight·R in closed form, batched). Nobody has to remember a hook.
+The loop owns the allocator: `OptimizerStep.step()` (step.py) calls it after every optimizer step, on
+unscaled gradients, and adds the orthogonal regulariser's gradient itself. Nobody has to remember a hook.
+What differs between methods comes from what their builder returns (methods.py), never from their names.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,20 +21,151 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from ..fast import graphs as graphs_
-from ..allocator import RankAllocator
-from ..atomic import atomic_write_json
-from .config import Config
-from .data import Batches, compute_metrics, encode, load_task
+from .config import Config, TrainConfig
+from .data import Batches, encode, load_task
+from .evaluation import Evaluator
 from .methods import Adapted, apply_method, build_allocator
 from .models import load_causal_lm, load_model, load_tokenizer
 from .monitor import NormWatch, adapter_norms, base_norms
+from .provenance import code_sha256
+from .results import finish_run, load_finished
+from .state import LoopState
+from .step import OptimizerStep, trainable
+from .tracking import Tracker
 
-__all__ = ["train", "TrainingDiverged", "total_steps"]
+__all__ = ["train", "TrainingDiverged", "total_steps", "code_sha256"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
+    """Run one experiment into `out_dir`; returns what `results.json` holds."""
+    t_start = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    tc = cfg.train
+    env = setup_env(tc, log)
+    device, dist, log = env.device, env.dist, env.log
+    saved = ckpt.load(out_dir) if cfg.resume else None
+    if cfg.resume and saved is None and os.path.exists(os.path.join(out_dir, "results.json")):
+        log(f"run in {out_dir} already finished; nothing to resume")
+        return load_finished(out_dir)
+
+    data = prepare_data(cfg, env)
+    T = total_steps(len(data.train), tc.epochs, tc.grad_accum, tc.max_steps)
+    model, adapted, allocator = prepare_model(cfg, data, env, T, saved)
+    log(f"{cfg.method.name}: {adapted.report.summary()}; T={T} optimizer steps")
+    unit = make_optimizer(cfg, model, adapted, allocator, env, T, saved)
+    loop = LoopState.start(device)
+    if saved is not None:
+        loop = LoopState.from_checkpoint(saved, device)
+        rng = saved["rng"]
+        ckpt.set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
+        log(f"resumed from step {loop.step}")
+    fwd, ddp = wrap(model, env, tc.compile)
+    if tc.cuda_graph:
+        unit.use_graphs(fwd, device.type, tc.cuda_graph_shapes)
+    tracker = make_tracker(cfg, out_dir, loop, resumed=saved is not None, enabled=dist.is_main)
+    evaluator = Evaluator(model, data.eval_sets, data.task, device, env.amp, tracker)
+    checkpoints = Checkpoints(out_dir, env, last=loop.step if saved is not None else None)
+    eval_every = tc.eval_every or math.ceil(len(data.train) / tc.grad_accum)
+    ckpt_every = tc.checkpoint_every or eval_every
+    watch = NormWatch(floors=base_norms(model))
+
+    # ---- the loop ------------------------------------------------------------------------------
+    model.train()
+    bar = progress_bar(tc, T, loop.step, f"{cfg.method.name} {cfg.task.name}", dist.is_main)
+    start_step, allocation = loop.step, None
+    # this process's seconds outside the training steps; capture_from: graph capture time before the timer started
+    timing = {"eval": 0.0, "checkpoint": 0.0, "capture_from": 0.0, "t_loop": time.perf_counter(), "timed_from": start_step}
+    try:
+        while loop.step < T:
+            data.train.set_epoch(loop.epoch, loop.batch_in_epoch)
+            micro = 0
+            for batch in data.train:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                last_micro = (micro + 1) % tc.grad_accum == 0 or loop.batch_in_epoch + 1 >= len(data.train)
+                # DDP all-reduces gradients only on the last micro-batch of an optimizer step
+                loss = unit.micro(fwd, batch, ddp.no_sync() if dist.enabled and not last_micro else None)
+                loop.add_loss(loss)
+                loop.batch_in_epoch += 1
+                micro += 1
+                if micro % tc.grad_accum and loop.batch_in_epoch < len(data.train):
+                    continue
+                # ---- one optimizer step ----
+                out = unit.step()
+                loop.add_step(out.orth, out.allocation)
+                if out.allocation is not None:
+                    allocation = out.allocation
+                    if tc.check_masks:
+                        dist_.check_equal(dist, allocation.mask, f"the allocator mask at step {loop.step}")
+                if out.replaced and (dist.enabled or tc.compile):
+                    fwd, ddp = wrap(model, env, tc.compile)  # DDP's gradient buckets were built for the old shapes
+                unit.zero_grad()
+                if loop.step == start_step + 1 and loop.step < T:
+                    # the first step carries one-off set-up (cuBLAS handles, the caching allocator): not timed
+                    restart_timer(timing, unit, device, loop.step)
+                if loop.step % tc.log_every == 0 or loop.step == T:
+                    scalars = log_step(loop, unit, allocation, model, watch, env, tracker, checkpoints)
+                    if bar is not None:
+                        bar.set_postfix({"loss": f"{scalars['train/loss']:.4f}"}
+                                        | ({"budget": allocation.budget} if allocation is not None else {}))
+                if bar is not None:
+                    bar.update(1)
+                done = loop.step >= T
+                if loop.step % eval_every == 0 or done:
+                    t0 = time.perf_counter()
+                    res = evaluator.run(loop.step, loop.history)
+                    timing["eval"] += time.perf_counter() - t0
+                    log(f"step {loop.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))
+                if loop.step % ckpt_every == 0 and not done:
+                    # at an optimizer-step boundary, so resuming re-enters the loop exactly
+                    timing["checkpoint"] += checkpoints.save(loop, model, unit)
+                if done:
+                    break
+            if loop.step >= T:
+                break
+            loop.epoch += 1
+            loop.batch_in_epoch = 0
+    except BaseException:  # a crash or a kill: close the W&B run as failed, keep the checkpoint
+        tracker.finish(exit_code=1)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # ---- results -------------------------------------------------------------------------------
+    step_seconds = stop_timer(timing, unit, device)
+    return finish_run(cfg, out_dir, model, adapted, allocation, loop, evaluator, tracker, env,
+                      t_start=t_start, step_seconds=step_seconds, timed_from=timing["timed_from"])
+
+
+# ---- set-up --------------------------------------------------------------------------------------
+@dataclass
+class Env:
+    """Where a run computes: the device, the processes (torchrun), autocast, and who talks."""
+
+    device: torch.device
+    dist: dist_.DistInfo
+    amp: torch.dtype | None
+    log: Callable[..., None]
+
+
+def setup_env(train_cfg: TrainConfig, log: Callable[..., None]) -> Env:
+    """The device (one GPU per process under torchrun), the process group, autocast's dtype."""
+    device = pick_device(train_cfg.device)
+    dist = dist_.setup(device.type)  # torchrun: one process per GPU; a no-op otherwise
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda" and device.index is not None:
+        # what launches on the current device (Triton's kernels in method.fused, for one) follows the model: a
+        # multirun job pinned to cuda:k would otherwise launch on cuda:0
+        torch.cuda.set_device(device)
+    if not dist.is_main:
+        log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
+    check_cuda_graph(train_cfg.cuda_graph, device, dist.world_size)
+    return Env(device, dist, amp_dtype(train_cfg.precision, device), log)
 
 
 def seed_everything(seed: int) -> None:
@@ -87,85 +213,19 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
+# ---- phases ----------------------------------------------------------------------------------------
+@dataclass
+class RunData:
+    """The task, its tokenizer and its batches: `train` for training, `eval_sets` scored at evaluations."""
 
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "datasets", "peft", "hydra-core", "wandb", "numpy", "scipy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _git_sha() -> str | None:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        return None
+    task: Any
+    tokenizer: Any
+    train: Batches
+    eval_sets: dict[str, Batches]
 
 
-def code_sha256() -> str:
-    """sha256 of the package's own source (every adarank/**/*.py, path and bytes, in path order): which code
-    ran, also from an uncommitted tree or a copy without its .git, where `git_sha` says less or nothing."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, task, device: torch.device, amp: torch.dtype | None, prefix: str) -> dict[str, float]:
-    if task.is_causal:  # held-out perplexity, token-weighted
-        from .data.causal import perplexity
-
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            res = perplexity(model, batches, device)
-        return {f"{prefix}ppl": res["ppl"], f"{prefix}nll": res["nll"]}
-    model.eval()
-    preds, labels = [], []
-    for batch in batches:
-        labels.append(batch.pop("labels"))
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(**batch).logits
-        preds.append(logits.float().cpu())
-    model.train()
-    return compute_metrics(task, torch.cat(preds).numpy(), torch.cat(labels).numpy(), prefix=prefix)
-
-
-def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
-    """Run one experiment into `out_dir`; returns what `results.json` holds."""
-    from ..studies.plots import budget_curve, rank_heatmap
-    from .tracking import Tracker
-
-    t_start = time.time()
-    os.makedirs(out_dir, exist_ok=True)
-    m, tc = cfg.method, cfg.train
-    device = pick_device(tc.device)
-    dist = dist_.setup(device.type)  # torchrun: one process per GPU; a no-op otherwise
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    if device.type == "cuda" and device.index is not None:
-        # what launches on the current device (Triton's kernels in method.fused, for one) follows the model: a
-        # multirun job pinned to cuda:k would otherwise launch on cuda:0
-        torch.cuda.set_device(device)
-    if not dist.is_main:
-        log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
-    check_cuda_graph(tc.cuda_graph, device, dist.world_size)
-    amp = amp_dtype(tc.precision, device)
-    state = ckpt.load(out_dir) if cfg.resume else None
-    if cfg.resume and os.path.exists(os.path.join(out_dir, "results.json")) and state is None:
-        log(f"run in {out_dir} already finished; nothing to resume")
-        import json
-
-        with open(os.path.join(out_dir, "results.json")) as f:
-            return json.load(f)
-
-    # ---- data ----------------------------------------------------------------------------------
+def prepare_data(cfg: Config, env: Env) -> RunData:
+    """Load, subsample, tokenise (cached) and batch the task's splits. The test split is never scored."""
     seed_everything(cfg.seed)
     data = load_task(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
     task = data.task
@@ -189,355 +249,177 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
             enc[name] = encode(ds, tokenizer, task.text_fields, cfg.task.max_length, cache)
     batcher = LMBatches if task.is_causal else Batches
     # train.batch_size is per process: the global batch is batch_size × world_size × grad_accum
+    tc, dist = cfg.train, env.dist
     train_batches = batcher(enc["train"], tc.batch_size, shuffle=True, seed=cfg.seed, rank=dist.rank,
-                            world_size=dist.world_size, pin_memory=device.type == "cuda")
+                            world_size=dist.world_size, pin_memory=env.device.type == "cuda")
     eval_sets = {k: batcher(v, tc.eval_batch_size, shuffle=False) for k, v in enc.items() if k not in ("train", "test")}
+    return RunData(task, tokenizer, train_batches, eval_sets)
 
-    # ---- model and method ----------------------------------------------------------------------
+
+def prepare_model(cfg: Config, data: RunData, env: Env, total: int, saved: dict | None):
+    """The base model with the method applied, on the device, and its allocator (None for fixed-rank
+    methods); a resumed run's allocator state and trainable weights loaded."""
     seed_everything(cfg.seed)
-    if task.is_causal:
-        model = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.model.random_config, len(tokenizer),
-                               cfg.model.config_overrides)
+    mc, tokenizer = cfg.model, data.tokenizer
+    if data.task.is_causal:
+        model = load_causal_lm(mc.name_or_path, mc.dtype, mc.random_config, len(tokenizer), mc.config_overrides)
     else:
-        model = load_model(cfg.model.name_or_path, task.num_labels, cfg.model.dtype, cfg.model.random_config,
-                           len(tokenizer), tokenizer.pad_token_id, cfg.model.config_overrides)
-    adapted: Adapted = apply_method(model, m, cfg.model)
-    model = adapted.model.to(device)
-    full_init = _target_weights(model, adapted) if m.name == "full" else None  # for ΔW of full fine-tuning
-    T = total_steps(len(train_batches), tc.epochs, tc.grad_accum, tc.max_steps)
-    allocator = build_allocator(adapted, m, T)
-    log(f"{m.name}: {adapted.report.summary()}; T={T} optimizer steps")
+        model = load_model(mc.name_or_path, data.task.num_labels, mc.dtype, mc.random_config, len(tokenizer),
+                           tokenizer.pad_token_id, mc.config_overrides)
+    adapted: Adapted = apply_method(model, cfg.method, mc)
+    model = adapted.model.to(env.device)
+    allocator = build_allocator(adapted, cfg.method, total)
+    if saved is not None and allocator is not None:
+        allocator.load_state_dict(saved["allocator"])  # may shrink layers: before building the optimizer
+    if saved is not None:
+        ckpt.load_trainable_state(model, saved["model"])
+    return model, adapted, allocator
 
-    start_step, epoch, batch_in_epoch = 0, 0, 0
-    history: dict[str, Any] = {"budget_curve": [], "evals": [], "log": [], "best": None, "wandb_id": None}
-    if state is not None and allocator is not None:
-        allocator.load_state_dict(state["allocator"])  # may shrink layers: before building the optimizer
-    if state is not None:
-        ckpt.load_trainable_state(model, state["model"])
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = m.lr if m.lr is not None else tc.lr
+def make_optimizer(cfg: Config, model: nn.Module, adapted: Adapted, allocator, env: Env, total: int,
+                   saved: dict | None) -> OptimizerStep:
+    """AdamW, the warm-up/linear-decay schedule and the loss scaler, restored from a checkpoint when resuming."""
+    tc = cfg.train
+    lr = applied_lr(cfg)
     # capturable: the step counter and learning rate live on the device, so a CUDA graph can replay the step
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay, fused=device.type == "cuda", capturable=tc.cuda_graph)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(round(tc.warmup_frac * T), T))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
+    opt = torch.optim.AdamW(trainable(model), lr=lr, weight_decay=tc.weight_decay, fused=env.device.type == "cuda",
+                            capturable=tc.cuda_graph)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(round(tc.warmup_frac * total), total))
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.amp == torch.float16)
+    if saved is not None:
+        opt.load_state_dict(saved["optimizer"])
         for g in opt.param_groups:  # the checkpoint's flag is that of the run that saved it
             g["capturable"] = g.get("capturable", False) or tc.cuda_graph
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        history = state["history"]
-        history.setdefault("log", [])  # checkpoints written before the log existed
-        rng = state["rng"]
-        ckpt.set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
-        log(f"resumed from step {start_step}")
+        sched.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+    return OptimizerStep(model, opt, sched, scaler, adapted.orth_grad, tc.max_grad_norm, allocator, tc.grad_accum, env.amp)
 
-    def wrap() -> nn.Module:
-        """The module the loop calls: DDP averages gradients across ranks, compile fuses kernels."""
-        net = model
-        if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
 
-            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        return torch.compile(net) if tc.compile else net
+def applied_lr(cfg: Config) -> float:
+    """The peak learning rate: method.lr when set, else train.lr."""
+    return cfg.method.lr if cfg.method.lr is not None else cfg.train.lr
 
-    fwd = wrap()
-    ddp = fwd if dist.enabled and not tc.compile else getattr(fwd, "_orig_mod", fwd)
 
-    def apply_update() -> torch.Tensor | None:
-        """Everything between the last backward and the allocator; returns R when there is a regulariser."""
-        scaler.unscale_(opt)  # the allocator and clipping see true gradients
-        # the orthogonal regulariser: its gradient added explicitly, once per optimizer step (the same as
-        # adding it to every micro-batch's loss / grad_accum), before clipping
-        r = adapted.orth_grad() if adapted.orth_grad is not None else None
-        if tc.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        scaler.step(opt)
-        return r
+def wrap(model: nn.Module, env: Env, compile_model: bool) -> tuple[nn.Module, nn.Module]:
+    """(what the loop calls, the module whose `no_sync` it uses): DDP averages gradients across ranks,
+    compile fuses kernels."""
+    net = model
+    if env.dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-    graphs, lr_tensors = None, []
-    if tc.cuda_graph:
-        lr_tensors = graphs_.bind_lr(opt)
+        net = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    fwd = torch.compile(net) if compile_model else net
+    return fwd, (fwd if env.dist.enabled and not compile_model else getattr(fwd, "_orig_mod", fwd))
 
-        def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            # no autocast cast cache: cached casts would outlive the capture that made them
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None, cache_enabled=False):
-                return fwd(**batch).loss
 
-        graphs = graphs_.GraphedStep(loss_of, apply_update, params, tc.grad_accum, tc.cuda_graph_shapes)
+def make_tracker(cfg: Config, out_dir: str, loop: LoopState, resumed: bool, enabled: bool) -> Tracker:
+    """W&B (or nothing), grouped by experiment; a resumed run continues its W&B run."""
+    from dataclasses import asdict
 
+    m = cfg.method
     tracker = Tracker(
         mode=cfg.wandb.mode, project=cfg.wandb.project, group=cfg.experiment_name, job_type=m.name,
         tags=[cfg.task.name, m.name, cfg.model.name], name=os.path.basename(os.path.normpath(out_dir)),
-        config=_plain(cfg), out_dir=out_dir, run_id=history["wandb_id"], resume=state is not None,
-        enabled=dist.is_main,
+        config=asdict(cfg), out_dir=out_dir, run_id=loop.history["wandb_id"], resume=resumed, enabled=enabled,
     )
-    history["wandb_id"] = tracker.run_id
-    main_key = f"{task.dev_splits[0]}/{task.main_metric}"
-    val_key = f"val/{task.main_metric}"
-    eval_every = tc.eval_every or math.ceil(len(train_batches) / tc.grad_accum)
-    ckpt_every = tc.checkpoint_every or eval_every
-    watch = NormWatch(floors=base_norms(model))
+    loop.history["wandb_id"] = tracker.run_id
+    return tracker
 
-    # this process's seconds outside the training steps; capture_from: graph capture time before the timer started
-    timing = {"eval": 0.0, "checkpoint": 0.0, "capture_from": 0.0}
 
-    def run_eval(step: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        res: dict[str, float] = {}
-        # Every rank scores the full sets with the plain model (no DDP hooks), so all ranks agree on
-        # the best step without a collective; only rank 0 logs.
-        for name, b in eval_sets.items():
-            res.update(evaluate(model, b, task, device, amp, prefix=f"{name}/"))
-        history["evals"].append({"step": step, **res})
-        best = history["best"]
-        better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
-        if best is None or better(res[val_key], best[val_key]):
-            history["best"] = {"step": step, **res}
-        tracker.log({f"eval/{k}": v for k, v in res.items()}, step)
-        timing["eval"] += time.perf_counter() - t0
-        return res
+def progress_bar(train_cfg: TrainConfig, total: int, initial: int, desc: str, is_main: bool):
+    if not (train_cfg.progress and is_main):
+        return None
+    from tqdm.auto import tqdm
 
-    last_ckpt = start_step if state is not None else None  # step of the checkpoint on disk
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
-    def diverged(what: str) -> TrainingDiverged:
-        kept = (
-            f"The last good checkpoint (step {last_ckpt}) is kept in {os.path.join(out_dir, ckpt.CKPT_NAME)}"
-            if last_ckpt is not None else "No checkpoint had been written yet"
-        )
+
+# ---- inside the loop -------------------------------------------------------------------------------
+def log_step(loop: LoopState, unit: OptimizerStep, allocation, model: nn.Module, watch: NormWatch, env: Env,
+             tracker: Tracker, checkpoints: "Checkpoints") -> dict[str, float]:
+    """Log the mean loss and R since the last log, the lr, the adapter norms and the allocation; returns the
+    scalars. Raises TrainingDiverged on a non-finite loss."""
+    mean_loss = dist_.mean_over_ranks(env.dist, loop.loss_sum / max(loop.loss_n, 1)).item()
+    if not math.isfinite(mean_loss):
+        raise checkpoints.diverged(f"loss is {mean_loss}", loop.step)
+    scalars: dict[str, float] = {"train/loss": mean_loss, "train/lr": unit.lr, "train/epoch": loop.epoch}
+    if loop.orth_n:
+        scalars["train/orth"] = (loop.orth_sum / loop.orth_n).item()  # R, before its weight
+        loop.orth_sum.zero_()
+        loop.orth_n = 0
+    norms = {k: float(v) for k, v in adapter_norms(model).items()}
+    scalars.update({f"norm/{k}": v for k, v in norms.items()})
+    for msg in watch.check(norms, loop.epoch):
+        env.log("WARNING: " + msg)
+    if allocation is not None:
+        scalars["alloc/budget"] = allocation.budget
+        if allocation.threshold is not None:
+            scalars["alloc/threshold"] = float(allocation.threshold)
+        scalars.update({f"rank/{k}": v for k, v in allocation.rank_dict().items()})
+    tracker.log(scalars, loop.step)
+    # the local record (results.json): loss, lr, orth, budget and the norms' summary
+    entry = {k: v for k, v in scalars.items() if not k.startswith(("norm/", "rank/"))}
+    if norms:
+        entry["norm/mean"] = sum(norms.values()) / len(norms)
+        entry["norm/max"] = max(norms.values())
+    loop.history["log"].append({"step": loop.step, **entry})
+    loop.loss_sum.zero_()
+    loop.loss_n = 0
+    return scalars
+
+
+class Checkpoints:
+    """Writes the run's checkpoint (rank 0), never replacing a good one with a diverged one."""
+
+    def __init__(self, out_dir: str, env: Env, last: int | None) -> None:
+        self.out_dir, self.env = out_dir, env
+        self.path = os.path.join(out_dir, ckpt.CKPT_NAME)
+        self.last = last  # the step of the checkpoint on disk (None before the first)
+
+    def diverged(self, what: str, step: int) -> TrainingDiverged:
+        """The error of a run that stopped at `step`, saying which checkpoint is kept."""
+        kept = (f"The last good checkpoint (step {self.last}) is kept in {self.path}" if self.last is not None
+                else "No checkpoint had been written yet")
         return TrainingDiverged(f"{what} at step {step}; stopped. {kept}")
 
-    def save_checkpoint(step: int) -> None:
-        nonlocal last_ckpt
+    def save(self, loop: LoopState, model: nn.Module, unit: OptimizerStep) -> float:
+        """Checkpoint at an optimizer-step boundary; returns the seconds it took."""
         t0 = time.perf_counter()
-        # Never replace a good checkpoint with a diverged one: the loss of the steps since the last log,
-        # and the weights themselves (one step can overflow them while its loss was still finite).
-        if loss_n and not torch.isfinite(loss_sum).item():
-            raise diverged("loss is not finite")
+        # the loss of the steps since the last log, and the weights themselves (one step can overflow them
+        # while its loss was still finite)
+        if loop.loss_n and not torch.isfinite(loop.loss_sum).item():
+            raise self.diverged("loss is not finite", loop.step)
         weights = ckpt.trainable_state(model)
         if not all(torch.isfinite(v).all() for v in weights.values()):
-            raise diverged("trainable weights are not finite")
+            raise self.diverged("trainable weights are not finite", loop.step)
+        dist = self.env.dist
         rng = dist_.gather_objects(dist, ckpt.rng_state())  # every rank's RNG, so each resumes exactly
         if dist.is_main:
-            ckpt.save(out_dir, {
-                "model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(), "allocator": allocator.state_dict() if allocator is not None else None,
-                "rng": rng, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history,
-                # the loss and R logged next average over the same steps as in an uninterrupted run
-                "loss_sum": loss_sum.item(), "loss_n": loss_n, "orth_sum": orth_sum.item(), "orth_n": orth_n,
+            allocator = unit.allocator
+            ckpt.save(self.out_dir, {
+                "model": weights, "optimizer": unit.optimizer.state_dict(), "scheduler": unit.scheduler.state_dict(),
+                "scaler": unit.scaler.state_dict(), "allocator": allocator.state_dict() if allocator is not None else None,
+                "rng": rng, **loop.to_checkpoint(),
             })
         dist_.barrier(dist)
-        last_ckpt = step
-        timing["checkpoint"] += time.perf_counter() - t0
+        self.last = loop.step
+        return time.perf_counter() - t0
 
-    # ---- the loop ------------------------------------------------------------------------------
-    model.train()
-    step = start_step
-    bar = None
-    if tc.progress and dist.is_main:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=T, initial=step, desc=f"{m.name} {cfg.task.name}", dynamic_ncols=True, file=sys.stderr)
-    # torch.tensor(float) restores a float32 sum exactly
-    loss_sum = torch.tensor(state.get("loss_sum", 0.0) if state is not None else 0.0, device=device)
-    orth_sum = torch.tensor(state.get("orth_sum", 0.0) if state is not None else 0.0, device=device)
-    orth_n = state.get("orth_n", 0) if state is not None else 0
-    loss_n = state.get("loss_n", 0) if state is not None else 0
-    alloc_res = None
-    t_loop, timed_from = time.perf_counter(), start_step
-    try:
-        while step < T:
-            train_batches.set_epoch(epoch, batch_in_epoch)
-            micro = 0
-            for batch in train_batches:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                last_micro = (micro + 1) % tc.grad_accum == 0 or batch_in_epoch + 1 >= len(train_batches)
-                # DDP all-reduces gradients only on the last micro-batch of an optimizer step
-                sync = ddp.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
-                if graphs is not None:
-                    loss = graphs.micro(batch)
-                else:
-                    with sync:
-                        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                            loss = fwd(**batch).loss
-                        scaler.scale(loss / tc.grad_accum).backward()
-                loss_sum += loss.detach().float()
-                loss_n += 1
-                batch_in_epoch += 1
-                micro += 1
-                if micro % tc.grad_accum and batch_in_epoch < len(train_batches):
-                    continue
-                # ---- one optimizer step ----
-                scale_before = scaler.get_scale() if scaler.is_enabled() else None
-                r = graphs.update() if graphs is not None else apply_update()
-                if r is not None:
-                    orth_sum += r.to(device)
-                    orth_n += 1
-                scaler.update()
-                skipped = scale_before is not None and scaler.get_scale() < scale_before
-                sched.step()
-                if graphs is not None:
-                    graphs_.sync_lr(opt, lr_tensors)
-                step += 1
-                if allocator is not None:
-                    # the gradients are DDP's averages here, so every rank computes the same masks
-                    alloc_res = allocator.step(update_importance=not skipped)
-                    history["budget_curve"].append([step, alloc_res.budget])
-                    if tc.check_masks and isinstance(allocator, RankAllocator):
-                        dist_.check_equal(dist, allocator.mask, f"the allocator mask at step {step}")
-                    if alloc_res.phase == "final" and m.shrink and m.name == "adalora" and not allocator.shrunk:
-                        allocator.shrink(opt)
-                        params = [p for p in model.parameters() if p.requires_grad]
-                        if graphs is not None:
-                            graphs.reset(params)  # new parameters: new gradient buffers, new graphs
-                        if dist.enabled or tc.compile:
-                            fwd = wrap()  # DDP's gradient buckets were built for the old shapes
-                            ddp = fwd if dist.enabled and not tc.compile else getattr(fwd, "_orig_mod", fwd)
-                if graphs is not None:
-                    graphs.zero_grads()
-                else:
-                    opt.zero_grad(set_to_none=True)
-                if step == start_step + 1 and step < T:
-                    # the first step carries one-off set-up (cuBLAS handles, the caching allocator): not timed
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t_loop, timed_from = time.perf_counter(), step
-                    timing["eval"] = timing["checkpoint"] = 0.0
-                    timing["capture_from"] = graphs.capture_seconds if graphs is not None else 0.0
-
-                if step % tc.log_every == 0 or step == T:
-                    mean_loss = dist_.mean_over_ranks(dist, loss_sum / max(loss_n, 1)).item()
-                    if not math.isfinite(mean_loss):
-                        raise diverged(f"loss is {mean_loss}")
-                    scalars: dict[str, float] = {"train/loss": mean_loss, "train/lr": float(sched.get_last_lr()[0]), "train/epoch": epoch}
-                    if orth_n:
-                        scalars["train/orth"] = (orth_sum / orth_n).item()  # R, before its weight
-                        orth_sum.zero_()
-                        orth_n = 0
-                    norms = {k: float(v) for k, v in adapter_norms(model).items()}
-                    scalars.update({f"norm/{k}": v for k, v in norms.items()})
-                    for msg in watch.check(norms, epoch):
-                        log("WARNING: " + msg)
-                    if alloc_res is not None:
-                        scalars["alloc/budget"] = alloc_res.budget
-                        if alloc_res.threshold is not None:
-                            scalars["alloc/threshold"] = float(alloc_res.threshold)
-                        scalars.update({f"rank/{k}": v for k, v in alloc_res.rank_dict().items()})
-                    tracker.log(scalars, step)
-                    # the local record (results.json): loss, lr, orth, budget and the norms' summary
-                    entry = {k: v for k, v in scalars.items() if not k.startswith(("norm/", "rank/"))}
-                    if norms:
-                        entry["norm/mean"] = sum(norms.values()) / len(norms)
-                        entry["norm/max"] = max(norms.values())
-                    history["log"].append({"step": step, **entry})
-                    if bar is not None:
-                        post = {"loss": f"{mean_loss:.4f}"}
-                        if alloc_res is not None:
-                            post["budget"] = alloc_res.budget
-                        bar.set_postfix(post)
-                    loss_sum.zero_()
-                    loss_n = 0
-                if bar is not None:
-                    bar.update(1)
-                done = step >= T
-                if step % eval_every == 0 or done:
-                    res = run_eval(step)
-                    log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))
-                if step % ckpt_every == 0 and not done:
-                    save_checkpoint(step)  # at an optimizer-step boundary, so resuming re-enters the loop exactly
-                if done:
-                    break
-            if step >= T:
-                break
-            epoch += 1
-            batch_in_epoch = 0
-    except BaseException:  # a crash or a kill: close the W&B run as failed, keep the checkpoint
-        tracker.finish(exit_code=1)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-
+def restart_timer(timing: dict[str, float], unit: OptimizerStep, device: torch.device, step: int) -> None:
+    """Start timing the steps here, at `step`: the first one carried one-off set-up."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    loop_seconds = time.perf_counter() - t_loop
-    step_seconds = loop_seconds - timing["eval"] - timing["checkpoint"]
-    if graphs is not None:  # capturing a graph is one-off set-up too (once per batch shape)
-        step_seconds -= graphs.capture_seconds - timing["capture_from"]
-
-    # ---- results -------------------------------------------------------------------------------
-    final = history["evals"][-1] if history["evals"] and history["evals"][-1]["step"] == step else run_eval(step)
-    best = history["best"]
-    ranks = alloc_res.rank_dict() if alloc_res is not None else {}
-    if allocator is not None and alloc_res is None:
-        ranks = dict(zip(allocator.names, allocator.ranks().tolist()))
-    if ranks:
-        path = rank_heatmap(ranks, os.path.join(out_dir, "rank_heatmap.png"), title=f"{m.name} {cfg.task.name}")
-        tracker.log_ranks(ranks, step)
-        if path:
-            tracker.log_image("rank_heatmap", path, step)
-    if history["budget_curve"]:
-        bpath = budget_curve(history["budget_curve"], os.path.join(out_dir, "budget_curve.png"), title=f"{m.name} {cfg.task.name}")
-        if bpath:
-            tracker.log_image("budget_curve", bpath, step)
-    # the final average rank: method.r, or what a total-rank / parameter target resolved to
-    budget: float | None = None if m.name == "full" else m.r
-    if adapted.target_total and adapted.targets:
-        avg = adapted.target_total / len(adapted.targets)
-        budget = int(avg) if avg == int(avg) else round(avg, 3)
-    results = {
-        "experiment": cfg.experiment_name, "task": cfg.task.name, "method": m.name, "model": cfg.model.name,
-        "budget": budget, "seed": cfg.seed, "metric": task.main_metric,
-        "value": final[main_key], "best_value": best[main_key],
-        "metrics": {"final": final, "best": best, "best_step": best["step"]},
-        "trainable_params": adapted.report.trainable, "trainable_share": adapted.report.share,
-        # after a shrink (or rank-0 pruning) the adapters are smaller than at the start
-        "trainable_params_final": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "steps": step, "seconds": round(time.time() - t_start, 2),
-        # this process's training steps after its first (no evaluation, no checkpoints): the throughput
-        "train_seconds": round(step_seconds, 3), "steps_per_second": round((step - timed_from) / step_seconds, 3) if step_seconds > 0 else None,
-        "world_size": dist.world_size,
-        "final_ranks": ranks, "budget_curve": history["budget_curve"],
-        "evals": history["evals"], "train_log": history["log"],
-        "config": _plain(cfg), "git_sha": _git_sha(), "code_sha256": code_sha256(), "versions": _versions(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-    }
-    if dist.is_main:
-        save_trained(model, adapted, m.name, list(cfg.model.train_modules), out_dir, full_init)
-        atomic_write_json(os.path.join(out_dir, "results.json"), results)
-    tracker.summary({"final/" + k: v for k, v in final.items()} | {"best/" + k: v for k, v in best.items()})
-    tracker.finish()
-    dist_.barrier(dist)
-    ck = os.path.join(out_dir, ckpt.CKPT_NAME)
-    if dist.is_main and os.path.exists(ck):
-        os.remove(ck)  # the run finished: results.json is the record, the checkpoint is obsolete
-    return results
+    timing["t_loop"], timing["timed_from"] = time.perf_counter(), step
+    timing["eval"] = timing["checkpoint"] = 0.0
+    timing["capture_from"] = unit.graphs.capture_seconds if unit.graphs is not None else 0.0
 
 
-def _target_weights(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
-    """CPU copies of the weights of the adapter targets, to write ΔW of full fine-tuning at the end."""
-    return {n: model.get_submodule(n).weight.detach().float().cpu().clone() for n in adapted.targets}
-
-
-def save_trained(model: nn.Module, adapted: Adapted, method: str, train_modules: list[str], out_dir: str,
-                 full_init: dict[str, torch.Tensor] | None) -> None:
-    """What a run trained: `adapter/` in PEFT's LoRA format (servable as is), or `delta.safetensors`
-    (ΔW = W_end − W_start of the adapter targets) for full fine-tuning. `adarank.studies.spectra` reads both."""
-    from safetensors.torch import save
-
-    from ..atomic import atomic_write_bytes
-    from ..export import export_peft
-
-    if method in ("lora", "rslora", "adalora"):
-        export_peft(model, os.path.join(out_dir, "adapter"), modules_to_save=train_modules)
-    elif method in ("peft_lora", "peft_adalora"):
-        model.save_pretrained(os.path.join(out_dir, "adapter"))
-    elif full_init is not None:
-        delta = {n: (model.get_submodule(n).weight.detach().float().cpu() - w0).contiguous() for n, w0 in full_init.items()}
-        atomic_write_bytes(os.path.join(out_dir, "delta.safetensors"), save(delta))
-
-
-def _plain(cfg: Config) -> dict[str, Any]:
-    return asdict(cfg)
+def stop_timer(timing: dict[str, float], unit: OptimizerStep, device: torch.device) -> float:
+    """This process's seconds in training steps since the timer started (no evaluation, checkpoints, captures)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - timing["t_loop"] - timing["eval"] - timing["checkpoint"]
+    if unit.graphs is not None:  # capturing a graph is one-off set-up too (once per batch shape)
+        seconds -= unit.graphs.capture_seconds - timing["capture_from"]
+    return seconds

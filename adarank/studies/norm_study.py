@@ -6,7 +6,9 @@ norm early in training, against α/r = 1.
 
 reads every results.json (its train_log: norm/max, norm/mean, train/loss per logged step) and every
 diverged.json under the DIRs (settings from the run's .hydra/config.yaml and the overrides it lists; curve
-from its last checkpoint, when there is one), groups runs by (α/r, lr) with seeds averaged, and writes
+from its last checkpoint, when there is one), groups runs by (α/r, lr) with seeds averaged (the α and the
+learning rate a run applied: results.json's ``alpha`` and ``lr``, or for older files and diverged runs the
+values `adarank.studies.runs` derives from the config), and writes
 ``norm_blowup.png`` (the three curves against the step), ``norm_blowup.md`` and ``norm_blowup.json``. The
 indicator is computed, never assumed: norm/max at `early` of training, α/r = 4 over α/r = 1 at the same lr,
 divided by the 4× that the scale α/r alone accounts for (`compare_ratios`); a diverged α/r = 4 run with a
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from collections import defaultdict
@@ -28,8 +29,15 @@ from typing import Any
 import numpy as np
 
 from adarank.atomic import atomic_write_json, atomic_write_text
-from adarank.studies.rank_study import StudyError
-from adarank.studies.report import ReportError, find_runs
+from adarank.studies.errors import StudyError
+from adarank.studies.plots import norm_blowup
+from adarank.studies.runs import (
+    applied_alpha_ratio,
+    applied_lr,
+    find_runs,
+    finite,
+    read_record,
+)
 
 CLAIM = ("LoRA with α/r = 4 and a learning rate above 3e-4 blows up the adapter norm early in training "
          "(against α/r = 1)")
@@ -38,22 +46,11 @@ CURVES = ("norm/max", "norm/mean", "train/loss")
 CONFIG_GROUPS = ("method", "task", "model")  # Hydra config groups of conf/
 
 
-def _finite(x: Any) -> float | None:
-    """`x` as a float; None when it is missing, not a number, or not finite."""
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def curve_of(log: Iterable[dict], key: str) -> list[tuple[int, float]]:
     """(step, value) of `key` in a train_log, in step order; entries without a finite value are skipped."""
     pts: dict[int, float] = {}
     for e in log:
-        v = _finite(e.get(key)) if isinstance(e, dict) else None
+        v = finite(e.get(key)) if isinstance(e, dict) else None
         if v is not None and e.get("step") is not None:
             pts[int(e["step"])] = v
     return sorted(pts.items())
@@ -102,37 +99,34 @@ def blowup_indicators(curve: Sequence[tuple[int, float]], total_steps: int | Non
             "half_peak_step": half_step, "half_peak_frac": half_step / total_steps if total_steps else None}
 
 
-def _method_params(config: dict) -> dict[str, Any]:
-    """kind (lora, rslora, or the method's name), r, α/r and the effective lr of a run's config."""
+def _method_params(record: dict) -> dict[str, Any]:
+    """kind (lora, rslora, or the method's name), r, α/r and the applied lr of a run (a results.json
+    record, or ``{"config": ...}`` for a diverged run)."""
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
     m = config.get("method") if isinstance(config.get("method"), dict) else {}
-    train = config.get("train") if isinstance(config.get("train"), dict) else {}
     name = m.get("name")
     kind = "rslora" if m.get("rslora") is True or name == "rslora" else "lora" if name in ("lora", "peft_lora") else name
-    r = _finite(m.get("r"))
-    ratio = _finite(m.get("alpha_ratio"))  # when set it wins: α = alpha_ratio · r
-    alpha = _finite(m.get("alpha"))
-    if ratio is None and r and alpha is not None:
-        ratio = alpha / r
-    lr = _finite(train.get("lr") if m.get("lr") is None else m["lr"])  # method.lr overrides train.lr
+    r = finite(m.get("r"))
+    ratio = applied_alpha_ratio(record)
     return {"kind": kind, "r": None if r is None else int(r), "ratio": None if ratio is None else round(ratio, 6),
-            "lr": lr}
+            "lr": applied_lr(record)}
 
 
-def run_from_results(rec: dict) -> dict[str, Any]:
+def run_from_results(record: dict) -> dict[str, Any]:
     """One finished run (a results.json record) for the norm study."""
-    config = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
     method = dict(config.get("method") or {})
-    method.setdefault("name", rec.get("method"))
-    log = rec.get("train_log") or []
-    metric = rec.get("metric")
-    final = (rec.get("metrics") or {}).get("final") or {}
-    steps = _finite(rec.get("steps"))
-    return _method_params(config | {"method": method}) | {
-        "path": rec.get("path"), "task": rec.get("task"), "seed": rec.get("seed"),
+    method.setdefault("name", record.get("method"))
+    log = record.get("train_log") or []
+    metric = record.get("metric")
+    final = (record.get("metrics") or {}).get("final") or {}
+    steps = finite(record.get("steps"))
+    return _method_params(record | {"config": config | {"method": method}}) | {
+        "path": record.get("path"), "task": record.get("task"), "seed": record.get("seed"),
         "diverged": False, "diverged_at": None, "error": None,
         "steps": int(steps) if steps else (log[-1].get("step") if log else None),
         "curves": {k: curve_of(log, k) for k in CURVES},
-        "metric": metric, "val": _finite(final.get(f"val/{metric}")) if metric else None}
+        "metric": metric, "val": finite(final.get(f"val/{metric}")) if metric else None}
 
 
 def _override_value(text: str) -> Any:
@@ -144,7 +138,7 @@ def _override_value(text: str) -> Any:
     try:
         return int(text)  # seed=1 stays an int
     except ValueError:
-        return _finite(text) if _finite(text) is not None else text.strip()
+        return finite(text) if finite(text) is not None else text.strip()
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
@@ -207,7 +201,7 @@ def run_from_diverged(path: Path, warn: Callable[[str], None] = lambda m: None) 
     task = config.get("task")
     at = re.search(r"at step (\d+)", str(info.get("error") or ""))
     log = _checkpoint_log(path.parent, warn)
-    return _method_params(config) | {
+    return _method_params({"config": config}) | {
         "path": str(path), "task": task.get("name") if isinstance(task, dict) else task, "seed": config.get("seed"),
         "diverged": True, "diverged_at": int(at[1]) if at else None, "error": info.get("error"), "steps": None,
         "curves": {k: curve_of(log, k) for k in CURVES}, "metric": None, "val": None}
@@ -215,20 +209,15 @@ def run_from_diverged(path: Path, warn: Callable[[str], None] = lambda m: None) 
 
 def load_runs(dirs: Sequence[str], warn: Callable[[str], None] = lambda m: None) -> list[dict]:
     """Every run under `dirs`: finished ones with a norm/max curve, and every diverged one."""
-    try:
-        results, diverged = find_runs(dirs)
-    except ReportError as e:
-        raise StudyError(str(e)) from None
+    results, diverged = find_runs(dirs)
     runs = []
     for path in results:
         try:
-            rec = json.loads(path.read_text())
-            if not isinstance(rec, dict):
-                raise TypeError("not a JSON object")
+            record = read_record(path)
         except (OSError, ValueError, TypeError) as e:
             warn(f"warning: skipping {path}: {e}")
             continue
-        run = run_from_results(rec | {"path": str(path)})
+        run = run_from_results(record | {"path": str(path)})
         if not run["curves"]["norm/max"]:
             warn(f"warning: skipping {path}: no norm/max in its train_log (a method without our adapters?)")
             continue
@@ -245,9 +234,11 @@ def _g(x: float | None) -> str:
     return "?" if x is None else f"{x:g}"
 
 
-def group_label(kind: str | None, r: int | None, ratio: float | None, lr: float | None, show_r: bool = False) -> str:
-    """``α/r=4, lr=0.001``; with ``, r=16`` when the study spans several ranks, and the kind unless plain LoRA."""
-    label = f"α/r={_g(ratio)}, lr={_g(lr)}" + (f", r={_g(r)}" if show_r else "")
+def group_label(kind: str | None, rank: int | None, ratio: float | None, lr: float | None,
+                show_rank: bool = False) -> str:
+    """``α/r=4, lr=0.001``; with ``, r=16`` when the study spans several ranks (`show_rank`), and the kind
+    unless plain LoRA."""
+    label = f"α/r={_g(ratio)}, lr={_g(lr)}" + (f", r={_g(rank)}" if show_rank else "")
     return label if kind == "lora" else f"{kind} {label}"
 
 
@@ -263,7 +254,7 @@ def norm_groups(runs: Sequence[dict], early: float = 0.1) -> list[dict]:
     epochs, so the length it would have had).
     """
     study_steps = max((x["steps"] for x in runs if not x["diverged"] and x["steps"]), default=None)
-    show_r = len({x["r"] for x in runs}) > 1
+    show_rank = len({x["r"] for x in runs}) > 1
     by: dict[tuple, list[dict]] = defaultdict(list)
     for x in runs:
         by[(x["kind"], x["r"], x["ratio"], x["lr"])].append(x)
@@ -275,7 +266,7 @@ def norm_groups(runs: Sequence[dict], early: float = 0.1) -> list[dict]:
         vals = [x["val"] for x in finished if x["val"] is not None]
         metrics = {x["metric"] for x in finished if x["metric"]}
         groups.append({
-            "label": group_label(kind, r, ratio, lr, show_r), "kind": kind, "r": r, "ratio": ratio, "lr": lr,
+            "label": group_label(kind, r, ratio, lr, show_rank), "kind": kind, "r": r, "ratio": ratio, "lr": lr,
             "seeds": sorted({x["seed"] for x in rs}, key=str), "runs": len(rs),
             "diverged": sum(x["diverged"] for x in rs),
             "diverged_at": sorted(x["diverged_at"] for x in rs if x["diverged_at"] is not None),
@@ -293,38 +284,39 @@ def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     return x / y if x is not None and y else None
 
 
-def compare_ratios(groups: Sequence[dict], high: float = HIGH_RATIO, ref: float = REF_RATIO,
-                   factor: float = 2.0) -> list[dict]:
-    """α/r = `high` against α/r = `ref`, for every LoRA (r, lr) run at both.
+def compare_ratios(groups: Sequence[dict], high_ratio: float = HIGH_RATIO, ref_ratio: float = REF_RATIO,
+                   blowup_factor: float = 2.0) -> list[dict]:
+    """α/r = `high_ratio` against α/r = `ref_ratio`, for every LoRA (r, lr) run at both.
 
     For the same B·A, ΔW = (α/r)·B·A is high/ref times larger, so a norm ratio of high/ref is the scale
     alone. ``beyond_scale`` is the norm/max ratio at the early point divided by high/ref: above 1, B·A itself
     grew larger. ``blowup`` (the rule): True when α/r = high diverged and α/r = ref did not, or when
-    beyond_scale >= `factor`; False when neither holds (or only α/r = ref diverged); None when both diverged
-    (the lr alone explains it) or there is no early point to compare. ``final_ratio`` is None when either
+    beyond_scale >= `blowup_factor`; False when neither holds (or only α/r = ref diverged); None when both
+    diverged (the lr alone explains it) or there is no early point to compare. ``final_ratio`` is None when either
     group diverged: its last logged step is not the end of training.
     """
     by = {(g["r"], g["lr"], g["ratio"]): g for g in groups if g["kind"] == "lora"}
     out = []
     for (r, lr, ratio), h in by.items():
-        b = by.get((r, lr, ref))
-        if ratio != high or b is None:
+        b = by.get((r, lr, ref_ratio))
+        if ratio != high_ratio or b is None:
             continue
         h_div, b_div = h["diverged"] > 0, b["diverged"] > 0
         early, final, peak = (_ratio(h["norm_max"], b["norm_max"], k) for k in ("early", "final", "peak"))
         if h_div or b_div:
             final = None  # a diverged group's last logged step is not the end of training: not comparable
-        beyond = early / (high / ref) if early is not None else None
+        beyond = early / (high_ratio / ref_ratio) if early is not None else None
         if h_div and b_div:
             blowup, why = None, "both diverged"
         elif h_div:
-            blowup, why = True, f"α/r={high:g} diverged"
+            blowup, why = True, f"α/r={high_ratio:g} diverged"
         elif b_div:
-            blowup, why = False, f"only α/r={ref:g} diverged"
+            blowup, why = False, f"only α/r={ref_ratio:g} diverged"
         elif beyond is None:
             blowup, why = None, "no early point"
         else:
-            blowup, why = beyond >= factor, f"beyond scale {beyond:.3g} {'>=' if beyond >= factor else '<'} {factor:g}"
+            blowup = beyond >= blowup_factor
+            why = f"beyond scale {beyond:.3g} {'>=' if blowup else '<'} {blowup_factor:g}"
         out.append({"r": r, "lr": lr, "high": h["label"], "ref": b["label"],
                     "early_ratio": early, "beyond_scale": beyond, "final_ratio": final, "peak_ratio": peak,
                     "diverged_high": f"{h['diverged']}/{h['runs']}", "diverged_ref": f"{b['diverged']}/{b['runs']}",
@@ -363,8 +355,11 @@ def _diverged_cell(g: dict) -> str:
     return f"yes ({g['diverged']}/{g['runs']}{at})"
 
 
-def render_norms_markdown(groups: Sequence[dict], comparisons: Sequence[dict], verdict: dict,
-                          early: float, factor: float, high: float = HIGH_RATIO, ref: float = REF_RATIO) -> str:
+def render_norms_markdown(groups: Sequence[dict], comparisons: Sequence[dict], verdict: dict, early: float,
+                          blowup_factor: float, high_ratio: float = HIGH_RATIO, ref_ratio: float = REF_RATIO) -> str:
+    """The text of ``norm_blowup.md``: the run groups, α/r = `high_ratio` against α/r = `ref_ratio` at each lr,
+    and the verdict."""
+    high, ref = high_ratio, ref_ratio
     e = f"{early:.0%}"
     metrics = sorted({g["val_metric"] for g in groups if g["val_metric"]})
     val_head = f"final val/{metrics[0]}" if len(metrics) == 1 else "final val metric"
@@ -398,7 +393,7 @@ def render_norms_markdown(groups: Sequence[dict], comparisons: Sequence[dict], v
         (f"For the same B·A, ΔW at α/r = {high:g} is {high / ref:g}× that at α/r = {ref:g}: that much is the "
          f"scale alone. *Beyond scale* = (norm/max ratio at {e} of training) ÷ {high / ref:g}; above 1, B·A "
          f"itself grew larger. The rule calls a blow-up when α/r = {high:g} diverged and α/r = {ref:g} did "
-         f"not, or when beyond scale >= {factor:g}."),
+         f"not, or when beyond scale >= {blowup_factor:g}."),
         ""]
     t = verdict["lr_threshold"]
     if comparisons:
@@ -430,12 +425,11 @@ def render_norms_markdown(groups: Sequence[dict], comparisons: Sequence[dict], v
     return "\n".join(lines) + "\n"
 
 
-def norm_report(runs: Sequence[dict], out_dir: str | Path, early: float = 0.1, factor: float = 2.0,
-                high: float = HIGH_RATIO, ref: float = REF_RATIO, lr_threshold: float = LR_THRESHOLD) -> dict[str, Any]:
+def norm_report(runs: Sequence[dict], out_dir: str | Path, early: float = 0.1, blowup_factor: float = 2.0,
+                high_ratio: float = HIGH_RATIO, ref_ratio: float = REF_RATIO,
+                lr_threshold: float = LR_THRESHOLD) -> dict[str, Any]:
     """Write ``norm_blowup.png``, ``norm_blowup.md`` and ``norm_blowup.json`` into `out_dir`; return what
     the JSON holds: claim, settings, groups (without their curves), comparisons, verdict, files."""
-    from adarank.studies.plots import norm_blowup
-
     if not any(x["curves"]["norm/max"] for x in runs):
         n_div = sum(x["diverged"] for x in runs)
         raise StudyError("no run has norm/max in its train_log" + (f" ({n_div} diverged without one)" if n_div else ""))
@@ -445,17 +439,18 @@ def norm_report(runs: Sequence[dict], out_dir: str | Path, early: float = 0.1, f
     if not 0 < early < 1:
         raise StudyError(f"--early must be in (0, 1), got {early:g}")
     groups = norm_groups(runs, early)
-    comparisons = compare_ratios(groups, high, ref, factor)
+    comparisons = compare_ratios(groups, high_ratio, ref_ratio, blowup_factor)
     verdict = claim_verdict(comparisons, lr_threshold)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = norm_blowup([{"label": g["label"], "ratio": g["ratio"], "lr": g["lr"], "diverged": g["diverged"] > 0,
                         "curves": g["curves"]} for g in groups], out / "norm_blowup.png",
                       title=f"adapter norm, {next(iter(tasks))}" if tasks else "adapter norm")
-    atomic_write_text(out / "norm_blowup.md", render_norms_markdown(groups, comparisons, verdict, early, factor, high, ref))
+    atomic_write_text(out / "norm_blowup.md",
+                      render_norms_markdown(groups, comparisons, verdict, early, blowup_factor, high_ratio, ref_ratio))
     files = [out / "norm_blowup.md", out / "norm_blowup.json", png]
-    result = {"claim": CLAIM, "task": next(iter(tasks)) if tasks else None, "early": early, "blowup_factor": factor,
-              "high_ratio": high, "ref_ratio": ref,
+    result = {"claim": CLAIM, "task": next(iter(tasks)) if tasks else None, "early": early,
+              "blowup_factor": blowup_factor, "high_ratio": high_ratio, "ref_ratio": ref_ratio,
               "groups": [{k: v for k, v in g.items() if k != "curves"} for g in groups],
               "comparisons": comparisons, "verdict": verdict, "files": [str(f) for f in files if f is not None]}
     atomic_write_json(out / "norm_blowup.json", result)
@@ -468,10 +463,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the norm ratio beyond the α/r scale that counts as a blow-up")
 
 
-def run(dirs: Sequence[str], out: str, early: float, factor: float) -> int:
+def run(dirs: Sequence[str], out_dir: str | Path, early: float, blowup_factor: float) -> int:
     """The CLI's work: 0, or 2 with one line on stderr for bad input."""
     try:
-        res = norm_report(load_runs(dirs, warn=lambda m: print(m, file=sys.stderr)), out, early, factor)
+        runs = load_runs(dirs, warn=lambda message: print(message, file=sys.stderr))
+        res = norm_report(runs, out_dir, early, blowup_factor)
     except StudyError as e:
         print(f"rank_study: {e}", file=sys.stderr)
         return 2

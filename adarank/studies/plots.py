@@ -1,14 +1,13 @@
-"""PNG plots of rank patterns, budget schedules and metric-vs-budget curves.
+"""PNG plots across runs: the budget schedules of several seeds, a metric against the budget, and the
+adapter-norm blow-up study's curves.
 
-Figures are built with ``matplotlib.figure.Figure`` directly rather than ``pyplot``: that
-needs no GUI backend (rendering goes through Agg), leaves the process-wide backend alone and
-keeps no global figure registry that could leak memory over a long run.
+A run's own plots (its rank heatmap and budget schedule) are in ``adarank.runner.plots``, with the figure
+plumbing these share (`new_figure`, `save_png`: ``matplotlib.figure.Figure`` directly, no pyplot).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -16,121 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from adarank.atomic import PathLike, atomic_writer
-
-# The stack keyword and layer index, as in transformers' module names:
-# bert.encoder.layer.3..., model.layers.10..., transformer.h.2..., vit.blocks.0...
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)(?:\.|$)")
-NO_LAYER = "-"
-
-
-def _split_module_name(name: str) -> tuple[str, str, str]:
-    """Return (stack prefix, layer, matrix type) for a module name."""
-    m = _LAYER_RE.search(name)
-    if m is None:
-        return "", NO_LAYER, name
-    prefix = name[: m.start()]
-    matrix_type = name[m.end():] or NO_LAYER
-    return prefix, m.group(1), matrix_type
-
-
-def parse_module_name(name: str) -> tuple[str, str]:
-    """Split a module name into (layer index, matrix type); layer is "-" when there is no index.
-
-    >>> parse_module_name("model.layers.10.mlp.down_proj")
-    ('10', 'mlp.down_proj')
-    """
-    _, layer, matrix_type = _split_module_name(name)
-    return layer, matrix_type
-
-
-def _layer_key(layer: str) -> tuple[int, int]:
-    # Numeric order ("2" before "10"); the index-less row goes last.
-    return (1, 0) if layer == NO_LAYER else (0, int(layer))
-
-
-def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[str], np.ndarray]:
-    """Arrange ranks as a layers x matrix-types grid (NaN where a cell has no module).
-
-    Layers are in numeric order; types keep the order in which they first appear, which is
-    the model's order when ``ranks`` comes from ``named_modules``. Encoder-decoder models
-    (``model.encoder.layers.0.q_proj`` and ``model.decoder.layers.0.q_proj``) would share a
-    cell, so when cells collide every type is qualified by its stack prefix.
-    """
-    parts = {name: _split_module_name(name) for name in ranks}
-    cells = {(layer, t) for _, layer, t in parts.values()}
-    if len(cells) < len(parts):
-        parts = {n: (p, layer, f"{p}/{t}" if p else t) for n, (p, layer, t) in parts.items()}
-    layers = sorted({layer for _, layer, _ in parts.values()}, key=_layer_key)
-    types = list(dict.fromkeys(t for _, _, t in parts.values()))
-    row = {layer: i for i, layer in enumerate(layers)}
-    col = {t: j for j, t in enumerate(types)}
-    grid = np.full((len(layers), len(types)), np.nan)
-    for name, (_, layer, t) in parts.items():
-        if not math.isnan(grid[row[layer], col[t]]):
-            raise ValueError(f"two modules map to layer {layer}, type {t!r}; last was {name!r}")
-        grid[row[layer], col[t]] = ranks[name]
-    return layers, types, grid
-
-
-def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure  # lazy: importing matplotlib costs ~0.3 s
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig: Any, path: PathLike) -> Path:
-    with atomic_writer(path) as f:
-        fig.savefig(f, format="png", dpi=120)
-    return Path(path)
-
-
-def _rank_label(r: float) -> str:
-    return f"{int(r)}" if float(r).is_integer() else f"{r:.1f}"
-
-
-def rank_heatmap(ranks: Mapping[str, float], path: PathLike, title: str = "") -> Path | None:
-    """Write a layer x matrix-type heatmap of ranks, each cell annotated; None if ``ranks`` is empty.
-
-    Ranks may be means over seeds: whole numbers are written as such, others with one decimal.
-    """
-    if not ranks:
-        return None
-    layers, types, grid = rank_grid(ranks)
-    fig = _new_figure(1.5 + 1.1 * len(types), 1.2 + 0.35 * len(layers))
-    ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis")
-    fig.colorbar(image, ax=ax, label="rank")
-    ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
-    ax.set_yticks(range(len(layers)), layers)
-    ax.set_xlabel("matrix type")
-    ax.set_ylabel("layer")
-    if title:
-        ax.set_title(title)
-    # Text colour flips with the cell's brightness so the numbers stay readable.
-    finite = grid[np.isfinite(grid)]
-    mid = (finite.min() + finite.max()) / 2
-    for (i, j), r in np.ndenumerate(grid):
-        if np.isfinite(r):
-            colour = "black" if r > mid else "white"
-            ax.text(j, i, _rank_label(r), ha="center", va="center", fontsize=8, color=colour)
-    return _save(fig, path)
-
-
-def budget_curve(curve: Sequence[Sequence[int]], path: PathLike, title: str = "") -> Path | None:
-    """Write the rank budget against the optimizer step; None if ``curve`` is empty."""
-    if not curve:
-        return None
-    steps, budgets = zip(*[(s, b) for s, b in curve])
-    fig = _new_figure(6, 3.5)
-    ax = fig.add_subplot()
-    ax.plot(steps, budgets, drawstyle="steps-post")
-    ax.set_xlabel("step")
-    ax.set_ylabel("budget (total rank)")
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
+from adarank.atomic import PathLike
+from adarank.runner.plots import new_figure, save_png
 
 
 def budget_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: PathLike, title: str = "") -> Path | None:
@@ -144,7 +30,7 @@ def budget_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: PathLik
     if not curves:
         return None
     distinct = list(dict.fromkeys(tuple(c) for c in curves.values()))
-    fig = _new_figure(6, 3.5)
+    fig = new_figure(6, 3.5)
     ax = fig.add_subplot()
     if len(distinct) == 1:
         steps, budgets = zip(*distinct[0])
@@ -159,7 +45,7 @@ def budget_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: PathLik
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _is_missing(x: Any) -> bool:
@@ -193,7 +79,7 @@ def metric_vs_budget(df_or_rows: Any, path: PathLike, task: str, column: str = "
         budget = None if _is_missing(r["budget"]) else int(r["budget"])
         groups[r["method"]][budget].append(float(r[column]))
 
-    fig = _new_figure(6, 4)
+    fig = new_figure(6, 4)
     ax = fig.add_subplot()
     budgets_seen: set[int] = set()
     for method, by_budget in groups.items():
@@ -216,7 +102,7 @@ def metric_vs_budget(df_or_rows: Any, path: PathLike, task: str, column: str = "
     ax.set_title(task)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _none_last(x: Any) -> tuple[bool, float]:
@@ -241,7 +127,7 @@ def norm_blowup(lines: Sequence[Mapping[str, Any]], path: PathLike, title: str =
     colour = {r: f"C{i % 10}" for i, r in enumerate(ratios)}
     style = {lr: ["-", "--", ":", "-."][i % 4] for i, lr in enumerate(lrs)}
 
-    fig = _new_figure(7, 0.8 + 2.4 * len(panels))
+    fig = new_figure(7, 0.8 + 2.4 * len(panels))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     handles: dict[str, Any] = {}
     for ax, (key, log) in zip(axes, panels):
@@ -265,4 +151,4 @@ def norm_blowup(lines: Sequence[Mapping[str, Any]], path: PathLike, title: str =
     axes[0].legend(list(handles.values()), list(handles), fontsize=8)
     if title:
         axes[0].set_title(title)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -9,10 +9,12 @@ where doubling r stops paying (`plateau_rank`); at that rank an α sweep picks t
 budget as LoRA at rank r, up to one λ per triplet) are drawn as markers on the rank plot.
 
 Runs are grouped into *series*: ``lora α/r=<ratio>`` (LoRA at a fixed α/r, i.e. a fixed scale) and
-``rslora α=<alpha>`` (rsLoRA at a fixed α); AdaLoRA runs go to ``adalora``. Seeds are averaged.
+``rslora α=<alpha>`` (rsLoRA at a fixed α); AdaLoRA runs go to ``adalora``. Seeds are averaged. A run's α
+and learning rate are the ones it applied (results.json's ``alpha`` and ``lr``; in older files, derived from
+its config by `adarank.studies.runs`).
 
-The failure mode (α/r = 4 at a high learning rate blows up the adapter norm) is `adarank.studies.norm_study`, also
-reachable as `python -m adarank.studies.rank_study --norms DIR... --out OUT`.
+The failure mode (α/r = 4 at a high learning rate blows up the adapter norm) is `adarank.studies.norm_study`,
+also reachable as `python -m adarank.studies.rank_study --norms DIR... --out OUT`.
 """
 
 from __future__ import annotations
@@ -28,14 +30,19 @@ from typing import Any
 
 import numpy as np
 
-from adarank.atomic import atomic_write_json, atomic_write_text, atomic_writer
+from adarank.atomic import atomic_write_json, atomic_write_text
+from adarank.runner.plots import new_figure, save_png
+from adarank.studies import norm_study
+from adarank.studies.errors import StudyError
+from adarank.studies.runs import (
+    FULL,
+    applied_alpha,
+    applied_lr,
+    find_results,
+    read_record,
+)
 
 ADALORA = "adalora"
-FULL = "full"
-
-
-class StudyError(Exception):
-    """A problem with the inputs, reported in one line."""
 
 
 # ---------------------------------------------------------------- the rules
@@ -113,17 +120,18 @@ def _number(value: Any) -> float | None:
 
 
 def study_point(record: dict, metric: str) -> dict | None:
-    """{series, method, r, alpha, ratio, scale, rslora, value, seed} of one results.json record (scale: α/r, or
-    α/√r for rsLoRA); None without the metric, and None for full fine-tuning (see `reference`)."""
+    """{series, method, r, alpha, ratio, scale, rslora, value, seed} of one results.json record (α: the one
+    applied, `applied_alpha`; scale: α/r, or α/√r for rsLoRA); None without the metric, and None for full
+    fine-tuning (see `reference`)."""
     value = _number(lookup(record, metric))
     method = record.get("method")
     if value is None or method == FULL:
         return None
     cfg = (record.get("config") or {}).get("method") or {}
-    r, alpha = cfg.get("r"), cfg.get("alpha")
+    r, alpha = cfg.get("r"), applied_alpha(record)
     if method is None or r is None or alpha is None:
         raise ValueError("needs method, config.method.r and config.method.alpha")
-    r, alpha = int(r), float(alpha)
+    r = int(r)
     rslora = bool(cfg.get("rslora")) or method == "rslora"
     if method in (ADALORA, "peft_adalora"):
         series = ADALORA
@@ -138,14 +146,12 @@ def study_point(record: dict, metric: str) -> dict | None:
 
 def reference(records: Iterable[dict], metric: str) -> list[tuple[float, float | None]]:
     """(metric, learning rate) of the full fine-tuning runs among `records`: the reference line, not a rank
-    series. The rate is the one that applied (`method.lr` overrides `train.lr`)."""
-    from .report import effective_lr
-
+    series. The rate is the one that applied (`applied_lr`)."""
     out = []
-    for r in records:
-        v = _number(lookup(r, metric)) if r.get("method") == FULL else None
-        if v is not None:
-            out.append((v, effective_lr(r.get("config"))))
+    for record in records:
+        value = _number(lookup(record, metric)) if record.get("method") == FULL else None
+        if value is not None:
+            out.append((value, applied_lr(record)))
     return out
 
 
@@ -244,7 +250,9 @@ def _mean_std_n(values: Sequence[float]) -> str:
 
 
 def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is_better: bool, tol: float,
-                    full: Sequence[tuple[float, float | None]] = ()) -> str:
+                    full_finetuning: Sequence[tuple[float, float | None]] = ()) -> str:
+    """The text of ``rank_study.md``: quality against rank per series, plateau ranks, the α/r sweep, and
+    `full_finetuning` ((value, lr) of each full fine-tuning run) as a reference line."""
     direction = "higher" if higher_is_better else "lower"
     lines = [f"# Rank / alpha study: `{metric}` ({direction} is better)", "",
              f"Plateau rank: the smallest rank after which every doubling improves `{metric}` by less than "
@@ -259,9 +267,10 @@ def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is
     for r in ranks:
         row = [_mean_std_n(cells[(s, r)]) if cells[(s, r)] else "" for s in series]
         lines.append(f"| {r} | " + " | ".join(row) + " |")
-    if full:
-        lrs = ", ".join(sorted({"?" if lr is None else f"{lr:g}" for _, lr in full}))
-        lines += ["", f"Full fine-tuning (reference, not a rank series; lr {lrs}): {_mean_std_n([v for v, _ in full])}."]
+    if full_finetuning:
+        lrs = ", ".join(sorted({"?" if lr is None else f"{lr:g}" for _, lr in full_finetuning}))
+        mean = _mean_std_n([v for v, _ in full_finetuning])
+        lines += ["", f"Full fine-tuning (reference, not a rank series; lr {lrs}): {mean}."]
     lines += ["", "| series | plateau rank | plateau reached |", "|---|---|---|"]
     reached = result.get("plateau_reached", {})
     lines += [f"| {s} | {r} | {'yes' if reached.get(s, True) else 'no: the last doubling still gained ≥ ' + format(tol, 'g')} |"
@@ -286,12 +295,15 @@ def render_markdown(points: Sequence[dict], result: dict, metric: str, higher_is
 
 
 def plot_rank(points: Sequence[dict], result: dict, metric: str, path: Path,
-              full: Sequence[tuple[float, float | None]] = ()) -> Path | None:
+              full_finetuning: Sequence[tuple[float, float | None]] = ()) -> Path | None:
+    """Write ``quality_vs_rank.png``: each rank sweep (plateau rank circled), AdaLoRA as stars, full
+    fine-tuning as a dashed line; None without points."""
     if not points:
         return None
     fig, ax = _figure()
-    if full:
-        ax.axhline(float(np.mean([v for v, _ in full])), color="grey", linestyle="--", label="full fine-tuning")
+    if full_finetuning:
+        ax.axhline(float(np.mean([v for v, _ in full_finetuning])), color="grey", linestyle="--",
+                   label="full fine-tuning")
     by: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for p in points:
         by[p["series"]].append((p["r"], p["value"]))
@@ -310,10 +322,11 @@ def plot_rank(points: Sequence[dict], result: dict, metric: str, path: Path,
     ax.set_ylabel(metric)
     ax.set_title("quality vs rank (circled: plateau rank)")
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_alpha(points: Sequence[dict], result: dict, metric: str, path: Path) -> Path | None:
+    """Write ``quality_vs_alpha.png``: quality against the adapter scale at the α-sweep rank; None without runs there."""
     r0 = result["alpha_rank"]
     by: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for p in points:
@@ -330,7 +343,7 @@ def plot_alpha(points: Sequence[dict], result: dict, metric: str, path: Path) ->
     ax.set_ylabel(metric)
     ax.set_title(f"quality vs α/r at r = {r0}")
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _log2_ticks(ax: Any, values: Sequence[float]) -> None:
@@ -340,16 +353,8 @@ def _log2_ticks(ax: Any, values: Sequence[float]) -> None:
 
 
 def _figure() -> tuple[Any, Any]:
-    from matplotlib.figure import Figure  # lazy: importing matplotlib costs ~0.3 s
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    fig = new_figure(6, 4)
     return fig, fig.add_subplot()
-
-
-def _save(fig: Any, path: Path) -> Path:
-    with atomic_writer(path) as f:
-        fig.savefig(f, format="png", dpi=120)
-    return path
 
 
 def report(records: Iterable[dict], out_dir: str | Path, metric: str, higher_is_better: bool,
@@ -363,27 +368,26 @@ def report(records: Iterable[dict], out_dir: str | Path, metric: str, higher_is_
     """
     records = list(records)
     points = collect(records, metric, warn)
-    full = reference(records, metric)
+    full_finetuning = reference(records, metric)
     if not points:
         raise StudyError(f"no run has a numeric {metric!r}")
     result = analyse(points, higher_is_better, tol, alpha_rank)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "rank_study.md", render_markdown(points, result, metric, higher_is_better, tol, full))
+    atomic_write_text(out / "rank_study.md",
+                      render_markdown(points, result, metric, higher_is_better, tol, full_finetuning))
     files = [out / "rank_study.md", out / "rank_study.json",
-             plot_rank(points, result, metric, out / "quality_vs_rank.png", full),
+             plot_rank(points, result, metric, out / "quality_vs_rank.png", full_finetuning),
              plot_alpha(points, result, metric, out / "quality_vs_alpha.png")]
     result |= {"metric": metric, "higher_is_better": higher_is_better, "tol": tol, "runs": len(points),
-               "full_finetuning": [{"value": v, "lr": lr} for v, lr in full],
+               "full_finetuning": [{"value": v, "lr": lr} for v, lr in full_finetuning],
                "files": [str(f) for f in files if f is not None]}
     atomic_write_json(out / "rank_study.json", result)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from adarank import norm_study
-    from adarank.studies.report import ReportError, find_results
-
+    """Command-line entry point; returns the exit code (2, with one line on stderr, for bad inputs)."""
     parser = argparse.ArgumentParser(prog="python -m adarank.studies.rank_study", description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched for results.json")
     parser.add_argument("--out", required=True, help="output folder")
@@ -403,14 +407,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = []
         for path in find_results(args.dirs):
             try:
-                rec = json.loads(path.read_text())
+                records.append(read_record(path) | {"path": str(path)})
             except (OSError, ValueError) as e:
                 print(f"warning: skipping {path}: {e}", file=sys.stderr)
-                continue
-            if isinstance(rec, dict):
-                records.append(rec | {"path": str(path)})
+            except TypeError:
+                pass  # a JSON value that is not an object holds no run
         result = report(records, args.out, args.metric, not args.lower_is_better, args.tol, args.alpha_rank)
-    except (ReportError, StudyError) as e:
+    except StudyError as e:
         print(f"rank_study: {e}", file=sys.stderr)
         return 2
     keys = ("plateau_rank", "plateau_reached", "alpha_rank", "best_alpha_ratio")

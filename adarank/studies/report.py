@@ -2,14 +2,15 @@
 
     python -m adarank.report DIR... [--out OUT_DIR] [--metric value|best_value] [--reference adalora]
 
-Learning rate. Each run's effective learning rate is ``config.method.lr``, or ``config.train.lr``
-when that is null. When a (task, method, budget) ran at several learning rates, the one with the
-best mean carved-validation metric over its seeds (``metrics.best["val/<metric>"]``, the
-``val_value`` column) is chosen: higher is better, lower for ppl/perplexity/nll/loss, and ties go
-to the smaller learning rate. The official dev values never take part in the choice. Every table
-and plot below uses only the chosen learning rate's runs; ``runs.csv`` keeps all runs and marks
-them in its ``selected`` column. A group with several learning rates and no validation metric
-at all is left out, with a warning.
+Learning rate. Each run's learning rate is the one its optimizer ran with: results.json's ``lr``,
+or, in files written before that field, ``config.method.lr`` (``config.train.lr`` when that is
+null; see ``adarank.studies.runs.applied_lr``). When a (task, method, budget) ran at several
+learning rates, the one with the best mean carved-validation metric over its seeds
+(``metrics.best["val/<metric>"]``, the ``val_value`` column) is chosen: higher is better, lower
+for ppl/perplexity/nll/loss, and ties go to the smaller learning rate. The official dev values
+never take part in the choice. Every table and plot below uses only the chosen learning rate's
+runs; ``runs.csv`` keeps all runs and marks them in its ``selected`` column. A group with several
+learning rates and no validation metric at all is left out, with a warning.
 
 ``summary.md`` holds (a) the learning-rate choice, when any group had one to make: every
 candidate with its mean validation metric and its number of seeds; (b) mean ± sample std per
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import re
 import sys
@@ -46,19 +46,24 @@ from typing import Any
 import numpy as np
 
 from adarank.atomic import atomic_write_text
-from adarank.studies.plots import (
-    NO_LAYER,
-    budget_curves,
-    metric_vs_budget,
-    parse_module_name,
-    rank_heatmap,
+from adarank.runner.methods import METHODS
+from adarank.runner.plots import NO_LAYER, layer_key, parse_module_name, rank_heatmap
+from adarank.studies.errors import StudyError
+from adarank.studies.plots import budget_curves, metric_vs_budget
+from adarank.studies.runs import (
+    applied_lr,
+    find_diverged,
+    find_results,
+    get_nested,
+    read_record,
 )
 
 RESULT_COLUMNS = ("task", "method", "budget", "seed", "metric", "value", "best_value",
                   "trainable_params", "steps", "seconds")
 COLUMNS = (*RESULT_COLUMNS, "lr", "val_value", "selected")
 REQUIRED = ("task", "method", "seed", "value")
-METHOD_ORDER = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
+#: methods in the order the runner lists them (its registry); unknown ones sort last, by name
+METHOD_ORDER = tuple(METHODS)
 METRIC_DOC = {
     "value": "final official-dev value",
     "best_value": "official-dev value at the step with the best carved-validation metric",
@@ -76,75 +81,24 @@ Key = tuple[str, str, int | None]  # (task, method, budget)
 Groups = dict[Key, dict[int, float]]  # (task, method, budget) -> seed -> value
 
 
-class ReportError(Exception):
-    """A problem with the command line's inputs, reported in one line."""
-
-
 # ---------------------------------------------------------------- loading
-
-
-def _find(dirs: Sequence[str], names: Sequence[str]) -> dict[str, list[Path]]:
-    """Per file name in ``names``: the files of that name under ``dirs`` (a DIR may also be one such file),
-    each file once, in path order. A DIR that does not exist, or holds none of them, is a ReportError."""
-    found: dict[str, dict[Path, Path]] = {n: {} for n in names}
-    for d in dirs:
-        root = Path(d)
-        if not root.exists():
-            raise ReportError(f"{d}: no such directory")
-        hits = [root] if root.name in names else [h for n in names for h in sorted(root.rglob(n))]
-        hits = [h for h in hits if h.is_file()]
-        if not hits:
-            raise ReportError(f"{d}: no {' or '.join(names)} found")
-        for h in hits:
-            found[h.name].setdefault(h.resolve(), h)  # overlapping DIRs must not fake duplicates
-    return {n: sorted(f.values(), key=str) for n, f in found.items()}
-
-
-def find_results(dirs: Sequence[str]) -> list[Path]:
-    """All ``results.json`` under ``dirs``, each file once, in path order."""
-    return _find(dirs, ("results.json",))["results.json"]
-
-
-def find_runs(dirs: Sequence[str]) -> tuple[list[Path], list[Path]]:
-    """(results.json, diverged.json) files under `dirs`, each once. A folder with both holds a run that
-    was resumed and finished: its results.json is the record."""
-    found = _find(dirs, ("results.json", "diverged.json"))
-    finished = {p.resolve().parent for p in found["results.json"]}
-    return found["results.json"], [h for h in found["diverged.json"] if h.resolve().parent not in finished]
-
-
-def _get(d: Any, *keys: str) -> Any:
-    """``d[k1][k2]...``, or None where a level is missing or not a dict."""
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
 
 
 def _float(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
-def effective_lr(config: Any) -> float | None:
-    """``config.method.lr``, which overrides ``config.train.lr`` when not null; None if neither is there."""
-    lr = _get(config, "method", "lr")
-    return _float(_get(config, "train", "lr") if lr is None else lr)
-
-
 def load_row(path: Path) -> dict[str, Any]:
     """The report's columns from one ``results.json``, plus ``path``, ``final_ranks`` and ``budget_curve``."""
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise TypeError("not a JSON object")
+    data = read_record(path)
     missing = [k for k in REQUIRED if data.get(k) is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
     row = {c: data.get(c) for c in RESULT_COLUMNS}
     row["budget"] = None if row["budget"] is None else int(row["budget"])
     row["seed"] = int(row["seed"])
-    row["lr"] = effective_lr(data.get("config"))
-    row["val_value"] = _float(_get(data, "metrics", "best", f"val/{row['metric']}"))
+    row["lr"] = applied_lr(data)
+    row["val_value"] = _float(get_nested(data, "metrics", "best", f"val/{row['metric']}"))
     row["selected"] = True  # until select_lr has seen the other learning rates
     row["final_ranks"] = {n: float(r) for n, r in (data.get("final_ranks") or {}).items()}
     row["budget_curve"] = [[int(s), float(b)] for s, b in data.get("budget_curve") or []]
@@ -429,10 +383,6 @@ def _type_key(t: str) -> tuple[int, str]:
     return (TYPE_ORDER.index(t), "") if t in TYPE_ORDER else (len(TYPE_ORDER), t)
 
 
-def _layer_key(layer: str) -> tuple[int, int]:
-    return (1, 0) if layer == NO_LAYER else (0, int(layer))
-
-
 # ---------------------------------------------------------------- markdown
 
 
@@ -478,7 +428,7 @@ def _rank_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     n_of = {key: ranks[key][0] for key in keys}
     parts = {key: rank_breakdown(ranks[key][1]) for key in keys}
     types = sorted({t for p in parts.values() for t in p["type"]}, key=_type_key)
-    layers = sorted({la for p in parts.values() for la in p["layer"]}, key=_layer_key)
+    layers = sorted({la for p in parts.values() for la in p["layer"]}, key=layer_key)
 
     def two(x: float | None) -> str:
         return _num(x, ".2f")
@@ -499,17 +449,6 @@ def _rank_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     names = ["no layer" if la == NO_LAYER else f"layer {la}" for la in layers]
     lines += _table(["task", "method", "budget", "n seeds", *names, "bottom", "top"], body)
     return lines
-
-
-def find_diverged(dirs: Sequence[str]) -> list[tuple[Path, dict[str, Any]]]:
-    """Runs that diverged (a ``diverged.json`` and no ``results.json`` beside it), with their records."""
-    out = []
-    for path in find_runs(dirs)[1]:
-        try:
-            out.append((path, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            out.append((path, {"error": "unreadable diverged.json"}))
-    return out
 
 
 def _diverged_section(diverged: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
@@ -647,8 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = load_rows(find_results(args.dirs), warn)
         if not rows:
-            raise ReportError(f"{', '.join(args.dirs)}: no readable results.json")
-    except ReportError as e:
+            raise StudyError(f"{', '.join(args.dirs)}: no readable results.json")
+    except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -24,15 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adarank.atomic import atomic_write_text, atomic_writer
+from adarank.atomic import atomic_write_text
+from adarank.runner.plots import new_figure, save_png
+from adarank.studies.errors import StudyError
 
 TOP_K = 8  # singular values written per module in spectra.csv
 PLOT_K = 64  # spectrum indices plotted
 ENERGY = 0.9
-
-
-class AnalyzeError(Exception):
-    """A problem with the command line's inputs, reported in one line."""
 
 
 # ---------------------------------------------------------------- spectra
@@ -54,13 +52,13 @@ def spectrum(delta: torch.Tensor) -> np.ndarray:
     return s
 
 
-def effective_rank(s: np.ndarray) -> float:
+def effective_rank(singular_values: np.ndarray) -> float:
     """Entropy effective rank (Roy & Vetterli, 2007): exp(H(p)) with p_i = s_i / Σ_j s_j.
 
     Takes singular values (not their squares); 0·log 0 counts as 0, and an all-zero spectrum has rank 0.
     It equals k for k equal nonzero singular values and lies in [1, k] for any k nonzero ones.
     """
-    s = np.abs(np.asarray(s, dtype=np.float64))
+    s = np.abs(np.asarray(singular_values, dtype=np.float64))
     total = s.sum()
     if total <= 0:
         return 0.0
@@ -68,11 +66,12 @@ def effective_rank(s: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def energy_rank(s: np.ndarray, frac: float = ENERGY) -> int:
-    """Smallest k with Σ_{i<=k} s_i² >= frac · Σ_i s_i² (s sorted descending); 0 for a zero spectrum."""
+def energy_rank(singular_values: np.ndarray, frac: float = ENERGY) -> int:
+    """Smallest k with Σ_{i<=k} s_i² >= frac · Σ_i s_i² (s: `singular_values` sorted descending); 0 for a zero
+    spectrum."""
     if not 0 < frac <= 1:
         raise ValueError(f"energy_rank: frac must be in (0, 1], got {frac}")
-    e = np.sort(np.asarray(s, dtype=np.float64) ** 2)[::-1]
+    e = np.sort(np.asarray(singular_values, dtype=np.float64) ** 2)[::-1]
     total = e.sum()
     if total <= 0:
         return 0
@@ -189,15 +188,15 @@ def render_markdown(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def median_spectra(rows: Sequence[dict], k: int = PLOT_K) -> dict[str, np.ndarray]:
-    """Per method, the median over its modules of s_i / s_1 for the first min(k, shortest spectrum) i."""
+def median_spectra(rows: Sequence[dict], length: int = PLOT_K) -> dict[str, np.ndarray]:
+    """Per method, the median over its modules of s_i / s_1 for the first min(length, shortest spectrum) i."""
     by: dict[str, list[np.ndarray]] = defaultdict(list)
     for r in rows:
         if r["s"].size and r["s"][0] > 0:
             by[r["method"]].append(r["s"] / r["s"][0])
     out = {}
     for m, specs in by.items():
-        n = min(k, min(len(s) for s in specs))
+        n = min(length, min(len(s) for s in specs))
         out[m] = np.median(np.stack([s[:n] for s in specs]), axis=0)
     return out
 
@@ -205,9 +204,7 @@ def median_spectra(rows: Sequence[dict], k: int = PLOT_K) -> dict[str, np.ndarra
 def plot_spectra(curves: dict[str, np.ndarray], path: Path) -> Path | None:
     if not curves:
         return None
-    from matplotlib.figure import Figure  # lazy: importing matplotlib costs ~0.3 s
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    fig = new_figure(6, 4)
     ax = fig.add_subplot()
     for m, c in curves.items():
         # A zero (beyond the rank) cannot go on a log axis: the curve ends at the last nonzero value.
@@ -217,9 +214,7 @@ def plot_spectra(curves: dict[str, np.ndarray], path: Path) -> Path | None:
     ax.set_ylabel("median over modules of s_i / s_1")
     ax.set_title("ΔW spectra")
     ax.legend()
-    with atomic_writer(path) as f:
-        fig.savefig(f, format="png", dpi=120)
-    return path
+    return save_png(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,12 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for d in args.runs:
             if not Path(d).is_dir():
-                raise AnalyzeError(f"{d}: no such directory")
+                raise StudyError(f"{d}: no such directory")
             try:
                 rows += analyze_run(d)
             except FileNotFoundError as e:
-                raise AnalyzeError(str(e)) from None
-    except AnalyzeError as e:
+                raise StudyError(str(e)) from None
+    except StudyError as e:
         print(f"analyze: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -5,8 +5,9 @@
 
 Every (workload, variant) pair builds a fresh random-init model from a config (no downloads), applies
 the variant, runs `--warmup` steps, then times `--steps` steps one by one (CUDA-synchronised around
-each) and reports the median, p10 and p90 and the peak memory. A step is forward + loss (+ orth
-penalty) + backward + AdamW + allocator, under bf16 autocast. README.md in this folder explains the
+each) and reports the median, p10 and p90 and the peak memory. A step is the runner's own step unit
+(`adarank.runner.step.OptimizerStep`): forward + loss + backward under bf16 autocast, then the orth
+gradient, AdamW and the allocator (no clipping, constant learning rate). README.md in this folder explains the
 variants and the output. `--smoke` runs tiny configs on a CPU in seconds (the test uses it).
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import platform
@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 import adarank
-from adarank.orth import OrthGrad
 from adarank.atomic import atomic_write_json, atomic_write_text
-from adarank.fast.graphs import GraphedStep, bind_lr
 from adarank.layers import base_dims
+from adarank.orth import OrthGrad
+from adarank.runner.peft_baselines import PeftAllocator, peft_task_type
+from adarank.runner.step import OptimizerStep
 
 # ---- fixed hyper-parameters (the speed of a step does not depend on their values) ----------------
 R = 8  # LoRA rank, and AdaLoRA's target average rank
@@ -50,7 +51,7 @@ COMPILABLE = ("floor", "lora", "rslora", "adalora", "adalora_final")  # ours (an
 #: the modes a variant name can end in: "+compile" (torch.compile of the blocks) and "+graph" (CUDA-graph
 #: replay of the step, adarank.fast.graphs.GraphedStep, as train.cuda_graph runs it); both for COMPILABLE only
 MODES = ("compile", "graph")
-#: "+fused" before the mode: adapters built with method.fused (adarank/fused.py)
+#: "+fused" before the mode: adapters built with method.fused (adarank/fast/fused.py)
 FUSABLE = ("lora", "rslora", "adalora", "adalora_final")
 #: what --compile adds. rslora+compile differs from lora+compile only in a constant, so it would cost a
 #: full compilation to learn nothing; ask for it by name.
@@ -173,16 +174,13 @@ def make_batch(wl: Workload, vocab: int, batch: tuple[int, int], device: torch.d
 # ---- variants -----------------------------------------------------------------------------------
 @dataclass
 class Rig:
-    """A model with a variant applied, and what the loop needs to train it."""
+    """A model with a variant applied, and the training step that drives it: the runner's own
+    `OptimizerStep` (adarank/runner/step.py), so the benchmark times the step users run."""
 
     model: nn.Module
     fwd: Callable[..., Any]  # what the loop calls: the model, or its torch.compile'd form
-    opt: torch.optim.Optimizer | None = None
-    allocate: Callable[[], Any] | None = None  # called after opt.step(), before zero_grad
-    penalty: Callable[[], torch.Tensor] | None = None  # added to the loss by the loop
-    grad_hook: Callable[[], Any] | None = None  # after backward, before the optimizer (our orth gradient)
+    step: OptimizerStep | None = None  # None for the floor: forward and backward only
     allocator: adarank.RankAllocator | None = None
-    graphs: GraphedStep | None = None  # "+graph": the step replays as CUDA graphs
     info: dict = field(default_factory=dict)
 
 
@@ -190,19 +188,18 @@ def build_rig(variant: str, model: nn.Module, wl: Workload, device: torch.device
               fused: bool = False) -> Rig:
     """Apply `variant` (the base name) to `model`. Only adapter parameters train; heads stay frozen
     so that every variant does the same work outside the adapters. `capturable`: an optimizer a CUDA
-    graph can replay (as train.cuda_graph builds it). `fused`: adapters with method.fused."""
+    graph can replay (as train.cuda_graph builds it). `fused`: adapters with method.fused. The step has
+    no clipping and a constant learning rate (the speed of a step does not depend on them)."""
     targets = list(wl.targets)
     if variant == "floor":
         for p in model.parameters():
             p.requires_grad_(False)
         model.enable_input_require_grads()  # the embedding output requires grad: backward runs to the inputs
-        return Rig(model, model)
-
+        return Rig(model, model, step=OptimizerStep(model, None, amp=torch.bfloat16))
     rig = Rig(model, model, info={"n_adapted": len(adarank.find_targets(model, targets))})
+    allocator, orth = None, None
     if variant in ("peft_lora", "peft_adalora"):
         import peft
-
-        from adarank.runner.methods import peft_task_type
 
         # the task type makes get_peft_model return the class whose forward reaches AdaLoraModel.forward,
         # which adds the orth loss (a plain PeftModel skips it; before this fix the PEFT AdaLoRA timings did)
@@ -213,8 +210,7 @@ def build_rig(variant: str, model: nn.Module, wl: Workload, device: torch.device
             cfg = peft.AdaLoraConfig(init_r=INIT_R, target_r=R, tinit=0, tfinal=0, deltaT=1, total_step=BUDGET_STEPS,
                                      orth_reg_weight=ORTH_WEIGHT, **common)  # its forward adds the orth loss
             model = peft.get_peft_model(model, cfg)
-            steps = itertools.count(1)
-            rig.allocate = lambda: model.base_model.update_and_allocate(next(steps))
+            allocator = PeftAllocator(model, adarank.make_schedule(BUDGET_STEPS, 0.0, 0.0, 1))  # as the runner drives it
         rig.model = rig.fwd = model
     elif variant in ("lora", "rslora"):
         adarank.inject(model, "lora", r=R, alpha=ALPHA, targets=targets, rslora=variant == "rslora", fused=fused)
@@ -224,30 +220,27 @@ def build_rig(variant: str, model: nn.Module, wl: Workload, device: torch.device
         adarank.inject(model, "svd", r=budget.init_rank, alpha=ALPHA, targets=targets, fused=fused)
         named = adarank.svd_adapters(model)
         # adalora: every timed step masks. adalora_final: 3 budgeting steps, the final mask at step 4,
-        # then shrink (done by `settle`), so the timed steps run the shrunk adapters.
+        # then the shrink hand-off (during `settle`), so the timed steps run the shrunk adapters.
         schedule = (adarank.make_schedule(BUDGET_STEPS, 0.0, 0.0, 1) if variant == "adalora"
                     else adarank.make_schedule(8, 0.0, 0.5, 1))
-        rig.allocator = adarank.RankAllocator(named, schedule, budget.target_total)
-        rig.allocate = rig.allocator.step
-        layers = [m for _, m in named]  # the same modules after a shrink (only their parameters change)
-        # as adarank/train.py does: the regulariser's gradient in closed form, added after backward
-        rig.grad_hook = OrthGrad(layers, ORTH_WEIGHT)
+        allocator = rig.allocator = adarank.RankAllocator(named, schedule, budget.target_total, shrink_at_final=True)
+        # as the runner does: the regulariser's gradient in closed form, added after backward
+        orth = OrthGrad([m for _, m in named], ORTH_WEIGHT)
     else:
         raise ValueError(f"--variants: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
     params = [p for p in rig.model.parameters() if p.requires_grad]
-    rig.opt = torch.optim.AdamW(params, lr=LR, fused=device.type == "cuda", capturable=capturable)
-    if capturable:
-        bind_lr(rig.opt)
+    opt = torch.optim.AdamW(params, lr=LR, fused=device.type == "cuda", capturable=capturable)
+    rig.step = OptimizerStep(rig.model, opt, orth_grad=orth, allocator=allocator, amp=torch.bfloat16)
     rig.info["trainable_params"] = sum(p.numel() for p in params)
     return rig
 
 
-def settle(rig: Rig, batch: dict, amp: str) -> None:
-    """adalora_final: train until the final mask is fixed, then shrink (slicing the optimizer state)."""
-    while not rig.allocator.frozen:
-        train_step(rig, batch, amp)
-    rig.allocator.shrink(rig.opt)
+def settle(rig: Rig, batch: dict) -> None:
+    """adalora_final: train until the final mask is fixed and the step's shrink hand-off has shrunk the
+    adapters (slicing the optimizer state)."""
+    while not rig.allocator.shrunk:
+        train_step(rig, batch)
     ranks = rig.allocator.ranks()
     rig.info["ranks_after_shrink"] = {"total": int(ranks.sum()), "min": int(ranks.min()), "max": int(ranks.max())}
 
@@ -264,49 +257,20 @@ def compile_model(rig: Rig, scope: str, backend: str) -> None:
         block.compile(backend=backend)
 
 
-def graph_rig(rig: Rig, amp: str) -> None:
-    """"+graph": replay the step as CUDA graphs, as adarank/train.py does with train.cuda_graph."""
-
-    def loss_of(batch: dict) -> torch.Tensor:
-        with torch.autocast(amp, dtype=torch.bfloat16, cache_enabled=False):
-            return rig.fwd(**batch).loss
-
-    params = [p for g in rig.opt.param_groups for p in g["params"]] if rig.opt is not None else []
-    rig.graphs = GraphedStep(loss_of, lambda: update(rig), params)
+def graph_rig(rig: Rig, device: torch.device) -> None:
+    """"+graph": replay the step as CUDA graphs, as the runner does with train.cuda_graph."""
+    rig.step.use_graphs(rig.fwd, device.type)
 
 
 # ---- one step, and timing -----------------------------------------------------------------------
-def update(rig: Rig) -> torch.Tensor | None:
-    """The step's update after backward: the gradient hook (the orth regulariser's gradient), then the optimizer.
-    Returns what the hook returns."""
-    r = rig.grad_hook() if rig.grad_hook is not None else None
-    if rig.opt is not None:
-        rig.opt.step()
-    return r
-
-
-def train_step(rig: Rig, batch: dict, amp: str) -> None:
-    """forward + loss (+ orth penalty) + backward + optimizer + allocator, as in adarank/train.py."""
-    if rig.graphs is not None:
-        rig.graphs.micro(batch)
-        if rig.opt is None:
-            return
-        rig.graphs.update()
-        if rig.allocate is not None:
-            rig.allocate()
-        rig.graphs.zero_grads()
+def train_step(rig: Rig, batch: dict) -> None:
+    """forward + loss + backward, then (unless the floor) the optimizer step with the orth gradient and the
+    allocator: the runner's `OptimizerStep`, micro-batch and step."""
+    rig.step.micro(rig.fwd, batch)
+    if rig.step.optimizer is None:  # floor: nothing to update
         return
-    with torch.autocast(amp, dtype=torch.bfloat16):
-        loss = rig.fwd(**batch).loss
-        if rig.penalty is not None:
-            loss = loss + rig.penalty()
-    loss.backward()
-    if rig.opt is None:  # floor: nothing to update
-        return
-    update(rig)
-    if rig.allocate is not None:
-        rig.allocate()  # on the gradients of this step, before they are cleared
-    rig.opt.zero_grad(set_to_none=True)
+    rig.step.step()
+    rig.step.zero_grad()
 
 
 def sync(device: torch.device) -> None:
@@ -320,40 +284,34 @@ def time_steps(rig: Rig, batch: dict, device: torch.device, n: int) -> list[floa
     for _ in range(n):
         sync(device)
         t0 = time.perf_counter()
-        train_step(rig, batch, device.type)
+        train_step(rig, batch)
         sync(device)
         out.append(1e3 * (time.perf_counter() - t0))
     return out
 
 
 def time_allocator(rig: Rig, batch: dict, device: torch.device, n: int) -> dict[str, float | None]:
-    """The same step with syncs around the orth penalty (forward + its own backward, which autograd would
-    otherwise fold into the model's) and around the allocator call: their cost alone, in ms (medians)."""
-    orth, alloc = [], []
+    """The step's parts with syncs around the orth gradient and around the allocator call (as
+    `OptimizerStep.step` runs them): their cost alone, in ms (medians)."""
+    unit, orth, alloc = rig.step, [], []
     for _ in range(n):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = rig.fwd(**batch).loss
-        loss.backward()
+        unit.micro(rig.fwd, batch)
         sync(device)
         t0 = time.perf_counter()
-        if rig.penalty is not None:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                pen = rig.penalty()
-            pen.backward()
-        if rig.grad_hook is not None:
-            rig.grad_hook()
+        if unit.orth_grad is not None:
+            unit.orth_grad()
         sync(device)
         t1 = time.perf_counter()
-        rig.opt.step()
+        unit.optimizer.step()
         sync(device)
         t2 = time.perf_counter()
-        rig.allocate()
+        unit.allocator.step()
         sync(device)
         t3 = time.perf_counter()
-        rig.opt.zero_grad(set_to_none=True)
+        unit.zero_grad()
         orth.append(1e3 * (t1 - t0))
         alloc.append(1e3 * (t3 - t2))
-    orth_ms = float(np.median(orth)) if rig.penalty is not None or rig.grad_hook is not None else None
+    orth_ms = float(np.median(orth)) if unit.orth_grad is not None else None
     call_ms = float(np.median(alloc))
     return {"alloc_call_ms": call_ms, "orth_ms": orth_ms, "alloc_ms": call_ms + (orth_ms or 0.0)}
 
@@ -367,7 +325,7 @@ def profile_steps(rig: Rig, batch: dict, device: torch.device, n: int, path: str
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(n):
-            train_step(rig, batch, device.type)
+            train_step(rig, batch)
         sync(device)
     events = prof.events()
     counts: dict[str, float | None] = {"aten_ops_per_step": sum(e.name.startswith("aten::") for e in events) / n}
@@ -399,25 +357,25 @@ def run_variant(wl: Workload, variant: str, shape: tuple[int, int], args: argpar
     batch = make_batch(wl, model.config.vocab_size, shape, device)
     rig = build_rig(base, model, wl, device, capturable=mode == "graph", fused=fused)
     del model
-    amp = device.type
     if base == "adalora_final":
-        settle(rig, batch, amp)  # eager, before compiling or capturing: a shrink swaps parameters
+        settle(rig, batch)  # eager, before compiling or capturing: a shrink swaps parameters
     if mode == "compile":
         compile_model(rig, args.compile_scope, args.compile_backend)
     elif mode == "graph":
-        graph_rig(rig, amp)
+        graph_rig(rig, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     sync(device)
     t0 = time.perf_counter()
-    train_step(rig, batch, amp)  # includes compilation for the +compile variants
+    train_step(rig, batch)  # includes compilation for the +compile variants
     sync(device)
     first_step_s = time.perf_counter() - t0
     for _ in range(max(args.warmup - 1, 2 if mode == "graph" else 0)):  # +graph: eager, then capture
-        train_step(rig, batch, amp)
-    if rig.graphs is not None and rig.graphs.capture_error is not None:
-        raise RuntimeError(f"+graph: the forward cannot be captured: {rig.graphs.capture_error}")
+        train_step(rig, batch)
+    graphs = rig.step.graphs
+    if graphs is not None and graphs.capture_error is not None:
+        raise RuntimeError(f"+graph: the forward cannot be captured: {graphs.capture_error}")
     ms = time_steps(rig, batch, device, args.steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -425,8 +383,8 @@ def run_variant(wl: Workload, variant: str, shape: tuple[int, int], args: argpar
         "median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)), "p90_ms": float(np.percentile(ms, 90)),
         "peak_gib": peak, "steps": len(ms), "first_step_s": round(first_step_s, 3), **rig.info,
     }
-    if rig.graphs is not None:
-        res["graph_captures"] = rig.graphs.captures
+    if graphs is not None:
+        res["graph_captures"] = graphs.captures
     if base in ("adalora", "peft_adalora") and mode == "eager" and args.alloc_steps > 0:
         res.update(time_allocator(rig, batch, device, args.alloc_steps))
     if args.profile:

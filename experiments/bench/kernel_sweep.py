@@ -1,4 +1,4 @@
-"""adarank/kernels.py against cuBLAS on one workload's shapes, and a sweep of the kernels' tile configurations.
+"""adarank/fast/kernels.py against cuBLAS on one workload's shapes, and a sweep of the kernels' tile configurations.
 
     python experiments/bench/kernel_sweep.py [--workload W3] [--out FILE.json] [--sweep]
 
@@ -62,11 +62,13 @@ def per_call_us(fn) -> float:
     return 1e3 * statistics.median(ev[k].elapsed_time(ev[k + 1]) for k in range(REPS)) / CALLS
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
 
 
-def case(o: int, r: int, dev: torch.device, sweep: bool) -> dict:
+def case(out_width: int, rank: int, dev: torch.device, sweep: bool) -> dict:
+    """Correctness and per-call times of both kernels against cuBLAS at one output width and rank."""
+    o, r = out_width, rank
     rp = fused._padded(r, fused.KERNEL_ALIGN)
     dt = torch.bfloat16
     # t: a column slice of a group's stacked t, as fused.py passes it (three members' padded ranks wide)

@@ -16,12 +16,12 @@ optimizer are not in it. `bench.py` measures the whole step.
 
 Implementations (`--impls`):
 - base; unfused (the default layers' computation: base, two thin matmuls, an add);
-- fused: adarank/fused.py one matrix at a time (`adapted_linear`), gradients handed to autograd;
-- grouped: q, k, v and gate, up each as one `adapted_linears` call, as adarank/siblings.py groups them;
+- fused: adarank/fast/fused.py one matrix at a time (`adapted_linear`), gradients handed to autograd;
+- grouped: q, k, v and gate, up each as one `adapted_linears` call, as adarank/fast/siblings.py groups them;
 - fused_into, grouped_into: the same inside `grads_into_buffers()`, as the CUDA-graph step runs them (the
   gradients accumulate in the GEMMs);
-- any of the fused ones with the suffix `_cublas`: adarank/kernels.py switched off, so the thin products run as
-  cuBLAS GEMMs (as before those kernels existed);
+- any of the fused ones with the suffix `_cublas`: adarank/fast/kernels.py switched off, so the thin products
+  run as cuBLAS GEMMs (as before those kernels existed);
 - prev, swap, lean, swap_lean (`_Cand`): the fused layer of commit ec6eade and the two changes that replaced it
   at commit b882deb, alone and together (the record of attempt 5).
 `rel_grad_diff_vs_unfused` is the largest difference between an implementation's gradients and the unfused ones
@@ -51,8 +51,9 @@ TOKENS = 8 * 1024
 TYPES = [("q", "attn"), ("k", "attn"), ("v", "attn"), ("o", "o"), ("gate", "mlp"), ("up", "mlp"), ("down", "down")]
 
 
-def dims(t: str, H: int, KV: int, I: int) -> tuple[int, int]:
-    return {"q": (H, H), "k": (H, KV), "v": (H, KV), "o": (H, H), "gate": (H, I), "up": (H, I), "down": (I, H)}[t]
+def dims(target: str, H: int, KV: int, I: int) -> tuple[int, int]:
+    """(in, out) width of a target type, from (hidden, kv width, intermediate)."""
+    return {"q": (H, H), "k": (H, KV), "v": (H, KV), "o": (H, H), "gate": (H, I), "up": (H, I), "down": (I, H)}[target]
 
 
 def make_layers(kind: str, r: int, dev: torch.device, shapes: tuple[int, int, int, int]) -> list[dict]:
@@ -132,6 +133,18 @@ def _pad_rank(m: torch.Tensor, dim: int) -> torch.Tensor:
     return m if pad == 0 else F.pad(m, (0, pad) if dim == 1 else (0, 0, 0, pad))
 
 
+def _lean_factors(kind, p1, p2, lam, scale, dt):
+    """The factor preparation of adarank/fast/fused.py: (a, b, v), one kernel per factor (cast and scale in
+    one), the rank padded to ALIGN."""
+    r = p1.shape[0]
+    rp = fused._padded(r)
+    a = p1.new_empty((rp, p1.shape[1]), dtype=dt)
+    if rp != r:
+        a[r:].zero_()
+    v = fused._a_factor(kind, p1, lam, scale, a)
+    return a, fused._b_factor(kind, p2, scale, dt, rp), v
+
+
 def _old_factors(kind, p1, p2, lam, scale, dt):
     """The preparation of commit ec6eade's fused layer: separate scale, cast and pad kernels."""
     if kind == "lora":
@@ -145,14 +158,14 @@ class _Cand(torch.autograd.Function):
     """The fused layer's candidates: swap = thin matmul first, base matmul adds itself in its epilogue
     (else the base first, then an accumulating thin matmul); lean = one kernel per factor and fp32
     gradients straight from the GEMM (else separate cast, scale and pad kernels). (False, False) is the
-    fused layer of commit ec6eade; (True, True) is what adarank/fused.py became."""
+    fused layer of commit ec6eade; (True, True) is what adarank/fast/fused.py became."""
 
     @staticmethod
     def forward(ctx, x, h, weight, bias, p1, p2, lam, kind, scale, swap, lean):
         out = weight.shape[0]
         x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
         if lean:
-            a, b, v = fused._factors(kind, p1, p2, lam, scale, x.dtype)
+            a, b, v = _lean_factors(kind, p1, p2, lam, scale, x.dtype)
         else:
             (a, b), v = _old_factors(kind, p1, p2, lam, scale, x.dtype), (lam * scale if lam is not None else None)
         t = torch.mm(h2, a.t())

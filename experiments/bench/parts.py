@@ -65,15 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     batch = bench.make_batch(wl, model.config.vocab_size, bench.SMOKE_BATCH if args.smoke else wl.batch, device)
     rig = bench.build_rig("adalora", model, wl, device)
     for _ in range(3):
-        bench.train_step(rig, batch, device.type)
+        bench.train_step(rig, batch)
     # gradients of one more step, kept: the parts below read them
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        loss = rig.fwd(**batch).loss
-    loss.backward()
+    rig.step.micro(rig.fwd, batch)
 
     res = {"workload": wl.name, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "steps": args.steps}
-    parts = {"orth_grad": rig.grad_hook, "allocator_step": rig.allocate}
+    parts = {"orth_grad": rig.step.orth_grad, "allocator_step": rig.step.allocator.step}
     for name, fn in parts.items():
         fn()  # warm
         res[f"{name}_ms"] = timed(fn, device, args.steps)

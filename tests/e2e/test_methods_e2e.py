@@ -23,6 +23,7 @@ RESULT_KEYS = {
     "trainable_params", "trainable_share", "trainable_params_final", "steps", "seconds", "final_ranks",
     "budget_curve", "config", "train_seconds", "steps_per_second", "world_size", "evals", "train_log",
     "git_sha", "code_sha256", "versions", "device",
+    "lr", "alpha",  # the learning rate and α that applied (recorded since the renovation, issue 16)
 }
 METHODS = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
 EXPERIMENTS = sorted(p.stem for p in Path(adarank.runner.cli.CONF_DIR, "experiment").glob("*.yaml"))

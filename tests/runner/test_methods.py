@@ -8,7 +8,8 @@ import torch
 import adarank
 from adarank.runner.config import MethodConfig, ModelConfig
 from adarank.layers import LoraLinear, SVDLinear
-from adarank.runner.methods import PeftAllocator, apply_method, build_allocator, method_budget
+from adarank.runner.methods import apply_method, build_allocator, method_budget
+from adarank.runner.peft_baselines import PeftAllocator
 
 from conftest import make_batch, tiny_bert
 

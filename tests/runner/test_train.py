@@ -95,9 +95,31 @@ def test_results_record_a_hash_of_the_source_that_ran(tmp_path, monkeypatch):
     import shutil
     from pathlib import Path
 
+    from adarank.runner import provenance
+
     copy = tmp_path / "pkg" / "adarank"
-    shutil.copytree(Path(train.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(train, "__file__", str(copy / "train.py"))
+    shutil.copytree(provenance.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(provenance, "PACKAGE_ROOT", copy)
     same = train.code_sha256()
     (copy / "layers.py").write_text((copy / "layers.py").read_text() + "\n# edited\n")
     assert same == res["code_sha256"] and train.code_sha256() != same
+
+
+def test_the_source_hash_covers_what_trains_and_not_the_studies(tmp_path, monkeypatch):
+    import shutil
+
+    from adarank.runner import provenance
+
+    copy = tmp_path / "pkg" / "adarank"
+    shutil.copytree(provenance.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(provenance, "PACKAGE_ROOT", copy)
+    before = provenance.code_sha256()
+    for study in (copy / "studies" / "report.py", copy / "report.py", copy / "analyze.py"):
+        study.write_text(study.read_text() + "\n# edited\n")
+    assert provenance.code_sha256() == before  # a report is not part of what trains
+    for trains in (copy / "runner" / "step.py", copy / "fast" / "fused.py", copy / "allocator.py"):
+        text = trains.read_text()
+        trains.write_text(text + "\n# edited\n")
+        assert provenance.code_sha256() != before, trains
+        trains.write_text(text)
+    assert provenance.code_sha256() == before

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from adarank.studies.errors import StudyError
 from adarank.studies.norm_study import (
     apply_overrides,
     blowup_indicators,
@@ -15,7 +16,7 @@ from adarank.studies.norm_study import (
     norm_report,
     run_from_diverged,
 )
-from adarank.studies.rank_study import StudyError, main
+from adarank.studies.rank_study import main
 
 STEPS = 100
 

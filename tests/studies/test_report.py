@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import ttest_rel
 
+import adarank.report  # noqa: F401 - the entry point is loaded, as when the tests imported from it (runpy warns)
 from adarank.studies.report import (
     choose_lr,
     main,
