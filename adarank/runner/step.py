@@ -40,7 +40,8 @@ class OptimizerStep:
 
     Args:
         model: the model whose trainable parameters the optimizer holds (re-read after a shrink).
-        optimizer, scheduler, scaler: AdamW (or any), an lr scheduler (None: constant), a GradScaler (None: off).
+        optimizer, scheduler, scaler: AdamW (or any; None: forward and backward only), an lr scheduler (None:
+            constant), a GradScaler (None: off).
         orth_grad: adds the orthogonal regulariser's gradient and returns R; None for no regulariser.
         max_grad_norm: clip the gradient norm to this (0: no clipping).
         allocator: the method's allocator, None for a fixed-rank method.
@@ -48,7 +49,7 @@ class OptimizerStep:
         amp: the autocast dtype, None for plain fp32.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any = None,
                  scaler: torch.amp.GradScaler | None = None, orth_grad: Callable[[], torch.Tensor] | None = None,
                  max_grad_norm: float = 0.0, allocator: Allocator | None = None, grad_accum: int = 1,
                  amp: torch.dtype | None = None) -> None:
@@ -63,7 +64,8 @@ class OptimizerStep:
     def use_graphs(self, forward: Forward, device_type: str, max_shapes: int = 8) -> None:
         """Replay micro-batches and the update as CUDA graphs from now on (one GPU, one process; the
         optimizer must be capturable)."""
-        self._lr_tensors = graphs_.bind_lr(self.optimizer)
+        # (no optimizer: a frozen model's forward and backward alone, as the benchmark's floor runs it)
+        self._lr_tensors = graphs_.bind_lr(self.optimizer) if self.optimizer is not None else []
         amp = self.amp
 
         def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -89,6 +91,8 @@ class OptimizerStep:
     def update(self) -> torch.Tensor | None:
         """Everything between the last backward and the allocator that a CUDA graph can hold: unscale,
         the regulariser's gradient, clipping, the optimizer. Returns R when there is a regulariser."""
+        if self.optimizer is None:
+            return None
         self.scaler.unscale_(self.optimizer)  # the allocator and clipping see true gradients
         # the orthogonal regulariser: its gradient added explicitly, once per optimizer step (the same as
         # adding it to every micro-batch's loss / grad_accum), before clipping
