@@ -95,8 +95,21 @@ def final_average_rank(target_total: int, n_modules: int) -> float:
     return int(avg) if avg == int(avg) else round(avg, 3)
 
 
-def _save_export(model: nn.Module, train_modules: list[str]) -> Callable[[str], None]:
-    return lambda out_dir: export_peft(model, os.path.join(out_dir, "adapter"), modules_to_save=train_modules)
+def _save_export(model: nn.Module, model_cfg: "ModelConfig") -> Callable[[str], None]:
+    """Writes `adapter/` in PEFT's LoRA format, naming the base model and the task type so that
+    `AutoPeftModel*.from_pretrained(adapter_dir)` finds them (no base for a random or GGUF model: nothing could
+    load those by path)."""
+    from .models import resolve_path
+
+    name = model_cfg.name_or_path
+    path = None if name in ("random", "smollm2") else resolve_path(name)
+    base = os.path.abspath(path) if path is not None and os.path.isdir(path) else path  # a hub id stays an id
+    try:
+        task_type = peft_baselines.peft_task_type(model)
+    except ValueError:  # a model of another class: PEFT's plain PeftModel
+        task_type = None
+    return lambda out_dir: export_peft(model, os.path.join(out_dir, "adapter"), base_model_name_or_path=base,
+                                       modules_to_save=list(model_cfg.train_modules), task_type=task_type)
 
 
 # ---- the builders ----------------------------------------------------------------------------------
@@ -124,7 +137,7 @@ def build_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelCo
     train_modules = list(model_cfg.train_modules)
     rep = inject(model, "lora", m.r, m.alpha, targets, m.target_regex, m.dropout, m.rslora or rslora, train_modules,
                  DTYPES[m.adapter_dtype], m.fused)
-    return Adapted(model, rep, m.name, targets=names, save=_save_export(model, train_modules), final_rank=m.r)
+    return Adapted(model, rep, m.name, targets=names, save=_save_export(model, model_cfg), final_rank=m.r)
 
 
 def build_rslora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
@@ -149,7 +162,7 @@ def build_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "Mode
                              shrink_at_final=m.shrink)
 
     return Adapted(model, rep, m.name, budget.target_total, budget.init_rank, reg, names, make_allocator,
-                   _save_export(model, train_modules), final_average_rank(budget.target_total, len(names)))
+                   _save_export(model, model_cfg), final_average_rank(budget.target_total, len(names)))
 
 
 def build_peft_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
