@@ -259,9 +259,11 @@ def check_out_dir(out_dir: str, cfg: Config) -> None:
             f"{out_dir} already holds a run ({', '.join(busy)}); pass resume=true to continue it or overwrite=true to start over"
         )
     if cfg.overwrite and not cfg.resume and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank
-        for stale in (CKPT_NAME, "diverged.json"):  # a fresh start: the old run's checkpoint and record go
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, stale))
+        from . import checkpoint
+
+        checkpoint.remove(out_dir)  # a fresh start: the old run's checkpoints and record go
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, "diverged.json"))
 
 
 def pin_gpu(cfg: Config) -> None:
@@ -311,12 +313,13 @@ def _train(cfg: Config, out_dir: str, log) -> float | None:
     from hydra.types import RunMode
 
     from ..atomic import atomic_write_json
+    from .checkpoint import CheckpointError
     from .resume import ResumeRefused
     from .train import TrainingDiverged, train
 
     try:
         res = train(cfg, out_dir, log=log)
-    except ResumeRefused as e:  # found before any data or model loaded
+    except (ResumeRefused, CheckpointError) as e:  # found before any data or model loaded
         print(f"adarank: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except TrainingDiverged as e:

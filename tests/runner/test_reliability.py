@@ -221,3 +221,34 @@ def test_the_log_file_holds_the_runs_lines(tmp_path, capsys):
     assert code is None, err
     text = (out / "run.log").read_text()
     assert "T=4 optimizer steps" in text and "[adalora on tweets] dev accuracy" in text.splitlines()[-1]
+
+
+# ---- 3. checkpoints that survive corruption, through the command line ------------------------------
+def test_a_resume_whose_checkpoints_are_all_unusable_is_one_line_naming_them(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _killed_run(tmp_path, monkeypatch, out)
+    monkeypatch.setattr(adarank.runner.train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    newest, previous = ckpt.paths(str(out))
+    for path in (newest, previous):
+        if os.path.exists(path):
+            with open(path, "r+b") as f:
+                f.truncate(100)
+    code, err = _cli(capsys, tmp_path, "train.checkpoint_every=5", "resume=true", f"hydra.run.dir={out}")
+    assert code == cli.EXIT_USAGE and len(err.splitlines()) == 1, err
+    assert newest in err
+
+
+def test_a_finished_run_leaves_no_checkpoint_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = _cli(capsys, tmp_path, "train.checkpoint_every=3", f"hydra.run.dir={out}")
+    assert code is None, err
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == []
+
+
+def test_overwrite_removes_the_old_runs_checkpoints(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _killed_run(tmp_path, monkeypatch, out)
+    assert any("prev" in p.name for p in out.iterdir())
+    code, err = _cli(capsys, tmp_path, "train.max_steps=4", "overwrite=true", f"hydra.run.dir={out}")
+    assert code is None, err
+    assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == []
