@@ -172,10 +172,10 @@ def _check_creatable(path: str, key: str) -> None:
 
 def preflight(cfg: Config) -> int:
     """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
-    from ..inject import find_targets, unfreeze
+    from ..inject import unfreeze
     from ..schedule import make_schedule
     from .data import get_task
-    from .methods import METHODS, method_budget, method_targets
+    from .methods import METHODS, method_budget, target_names
     from .models import meta_model, resolve_path, tokenizer_source
     from .peft_baselines import peft_task_type
     from .train import check_cuda_graph, pick_device, total_steps
@@ -205,13 +205,14 @@ def preflight(cfg: Config) -> int:
     spec = METHODS[m.name]
     if spec.peft:
         peft_task_type(model)  # PEFT's model class needs a known head
-    names = find_targets(model, method_targets(m, mc), m.target_regex)
+    names = target_names(model, m, mc)
     unfreeze(model, mc.train_modules)
     if spec.adaptive:
         method_budget(model, m, names)
         if known_T:
             make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
     resolve_path(tokenizer_source(cfg.model.name_or_path, cfg.model.tokenizer))
+    _tokenizer_loads(cfg.model.name_or_path, cfg.model.tokenizer)
     return T
 
 
@@ -239,6 +240,15 @@ def check_tracking(mode: str) -> None:
     if mode == "online" and not wandb_credentials():
         raise ValueError("wandb.mode: online needs W&B credentials (`wandb login`, or $WANDB_API_KEY); "
                          "use wandb.mode=offline and `wandb sync` later")
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_loads(name_or_path: str, tokenizer: str | None) -> None:
+    """The tokenizer can be loaded (a hub id that does not exist would otherwise fail after the data is
+    tokenised); its errors name the field it came from. Read once per sweep."""
+    from .models import load_tokenizer
+
+    load_tokenizer(name_or_path, tokenizer)
 
 
 @functools.lru_cache(maxsize=8)

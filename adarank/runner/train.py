@@ -48,7 +48,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     tc = cfg.train
     env = setup_env(tc, log)
     device, dist, log = env.device, env.dist, env.log
-    saved = ckpt.load(out_dir, warn=log) if cfg.resume else None
+    saved = ckpt.load(out_dir) if cfg.resume else None  # a fallback to the previous checkpoint warns on stderr
     if cfg.resume and saved is None and os.path.exists(os.path.join(out_dir, "results.json")):
         log(f"run in {out_dir} already finished; nothing to resume")
         return load_finished(out_dir)

@@ -118,10 +118,7 @@ CANDIDATES: dict[typing.Any, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 #: generated cases whose fix belongs outside this suite's files: strict xfails, for the lead
-FIELD_GAPS = {
-    ("model.targets", "[nope]"): "needs methods.py/inject.py: with method.targets null the suffixes are model.targets, "
-                                 "but find_targets' error names method.targets",
-}
+FIELD_GAPS: dict[tuple[str, str], str] = {}
 
 
 def field_cases() -> list:
@@ -366,8 +363,6 @@ def test_a_tokenizer_path_that_does_not_exist_names_model_tokenizer(capsys, path
     assert line == f"model.tokenizer: {path} is not a directory"
 
 
-@pytest.mark.xfail(strict=True, reason="needs cli.py: preflight does not load the tokenizer (e.g. models.load_tokenizer, "
-                                       "whose errors name model.tokenizer), so a missing hub tokenizer fails in train")
 def test_a_tokenizer_hub_id_that_cannot_be_found_names_model_tokenizer(tmp_path, capsys):
     line = rejected_line([*TINY, "model.tokenizer=nobody/no-such-tokenizer", f"hydra.run.dir={tmp_path / 'run'}"], capsys)
     assert line.startswith("model.tokenizer: ")
@@ -399,8 +394,6 @@ def test_an_explicit_budget_below_one_names_its_field(capsys):
     assert line == "method.target_params: must be >= 1 or null, got 0"
 
 
-@pytest.mark.xfail(strict=True, reason="needs methods.py: method_budget passes target_params to schedule.resolve_budget, "
-                                       "whose too-small-budget error names method.r")
 def test_a_parameter_budget_too_small_for_one_triplet_names_target_params(capsys):
     line = rejected_line([*TINY, "method.target_params=1"], capsys)
     assert line.startswith("method.target_params: "), line
@@ -421,10 +414,9 @@ def test_a_non_utf8_data_file_names_the_file_and_line(tmp_path, capsys):
     assert line.startswith(f"{path}:3: not UTF-8 text (byte 0xe9"), line
 
 
-# ---- cases whose fix belongs in cli.py (strict xfails: the lead removes the marks with the fix) -------
+# ---- cases fixed in cli.py ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="needs cli.py: an output dir that cannot be created ends in Hydra's traceback")
 def test_an_output_dir_that_cannot_be_created_names_it(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -432,8 +424,6 @@ def test_an_output_dir_that_cannot_be_created_names_it(tmp_path, capsys):
     assert str(blocker / "run") in line
 
 
-@pytest.mark.xfail(strict=True, reason="needs cli.py: a YAML syntax error in a config file escapes prevalidate as a "
-                                       "yaml.YAMLError traceback")
 def test_a_yaml_syntax_error_in_an_experiment_file_names_the_file_and_line(tmp_path, capsys):
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     bad = tmp_path / "conf" / "experiment" / "broken.yaml"
