@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -14,6 +16,24 @@ __all__ = ["resolve_path", "tokenizer_source", "load_tokenizer", "model_config",
            "override_config", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _PlainText(logging.Filter):
+    """Strips terminal colour codes from transformers' load report: its first line is bold even when the
+    output goes to a log file (the report's other styling checks for a terminal, that line does not)."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = self.ANSI.sub("", record.msg)
+        return True
+
+
+#: where transformers logs the report (modeling_utils passes its own logger; the report's module is the default)
+LOAD_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
+for _name in LOAD_REPORT_LOGGERS:
+    logging.getLogger(_name).addFilter(_PlainText())
 
 
 def _minilm_dir(field: str = "model.name_or_path") -> str:

@@ -117,3 +117,14 @@ def test_a_model_config_that_cannot_be_read_names_the_field(tmp_path, monkeypatc
         models.model_config("org/model", None)  # a causal LM from the hub
     assert str(e.value) == ("model.name_or_path: cannot read a model config from 'org/model': "
                             "We couldn't connect to 'https://huggingface.co'.")
+
+
+def test_the_load_report_reaches_log_files_without_colour_codes(tmp_path):
+    """MiniLM's head is new, so transformers reports it; with the output in a file, no escape codes."""
+    import subprocess
+
+    code = "from adarank.runner.models import load_model; load_model('minilm', 3)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOAD REPORT" in out.stderr and "\x1b[" not in out.stderr
