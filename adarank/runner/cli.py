@@ -142,7 +142,8 @@ def check_output_dir(overrides: list[str], first_job: list[str], multirun: bool)
     from hydra.core.hydra_config import HydraConfig
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    own = [o for o in overrides if o.lstrip("+~").startswith("hydra.") and "," not in o.split("=", 1)[-1]]
+    # Hydra's own overrides (hydra/launcher=..., hydra.launcher.n_jobs=...), sweeps left out
+    own = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/")) and "," not in o.split("=", 1)[-1]]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         hcfg = compose(config_name="config", overrides=first_job + own, return_hydra_config=True)
     previous = HydraConfig.instance().cfg

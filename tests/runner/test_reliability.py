@@ -171,7 +171,14 @@ def test_an_empty_dev_split_fails_before_training(tmp_path, capsys, no_model):
     dev.write_text(dev.read_text().splitlines()[0] + "\n")  # the header alone
     code, err = _cli(capsys, tmp_path, "task=mrpc", f"data.dir={data}", "data.val_fraction=0.5", f"hydra.run.dir={tmp_path / 'o'}")
     assert code == cli.EXIT_USAGE and len(err.splitlines()) == 1, err
-    assert "the validation split of mrpc" in err and "no rows" in err and str(data) in err
+    assert str(dev) in err and "no data rows" in err  # the data loader names the file
+
+
+def test_a_split_left_empty_is_refused_before_training():
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="the validation split of mrpc in /glue has no rows"):
+        cli.check_splits({"train": Dataset.from_dict({"a": [1]}), "validation": Dataset.from_dict({"a": []})}, "mrpc", "/glue")
 
 
 def test_a_max_length_past_the_models_positions_fails_before_training(tmp_path, capsys, no_model):
