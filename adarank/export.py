@@ -18,7 +18,11 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .inject import adapters
 from .layers import LoraLinear, SVDLinear
 
-__all__ = ["export_peft", "peft_factors"]
+__all__ = ["export_peft", "peft_factors", "PEFT_TASK_TYPES"]
+
+#: `peft.TaskType` values (peft is optional, so not imported here): what `task_type` may be. With one of them
+#: and `base_model_name_or_path`, `peft.AutoPeftModelFor...` loads the adapter without being told the base.
+PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
 @torch.no_grad()
@@ -45,8 +49,16 @@ def export_peft(
 
     `modules_to_save` are names (suffixes) of fully trained modules, e.g. the classifier head; their
     weights are saved the way PEFT >= 0.14 saves `modules_to_save` (wrapper prefix removed).
+    `base_model_name_or_path` (the folder or hub id the base model loads from) and `task_type` (one of
+    `PEFT_TASK_TYPES`, e.g. "SEQ_CLS" or "CAUSAL_LM") go into adapter_config.json as they are; with both,
+    `peft.AutoPeftModelForSequenceClassification.from_pretrained(out_dir)` (AutoPeftModelForCausalLM for
+    "CAUSAL_LM") loads the adapter without being given the base. None writes null (PeftModel only).
     """
     from safetensors.torch import save
+
+    if task_type is not None and task_type not in PEFT_TASK_TYPES:
+        raise ValueError(f"export_peft: task_type {task_type!r} is not a PEFT task type; "
+                         f"choose one of {', '.join(PEFT_TASK_TYPES)} or None")
 
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}

@@ -93,6 +93,7 @@ def inject(
     if cls is None:
         raise ValueError(f"method.kind: unknown adapter kind {kind!r}; choose lora or svd")
     names = find_targets(model, targets, regex)
+    _check_not_trained_in_full(model, names, targets, train_modules)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -101,6 +102,29 @@ def inject(
     link_siblings(model, adapters(model))
     unfreeze(model, train_modules)
     return param_report(model)
+
+
+def _check_not_trained_in_full(
+    model: nn.Module, names: Sequence[str], targets: Sequence[str] | None, train_modules: Sequence[str]
+) -> None:
+    """Refuse adapting a module that `train_modules` also trains in full (it, or a module it is in): the
+    exported adapter would hold both under names PEFT cannot match. Raises ValueError naming the modules."""
+    modules = [n for n, _ in model.named_modules() if n]
+    owners = {s: [m for m in modules if _suffix_match(m, s)] for s in train_modules}
+
+    def trained(name: str, suffix: str) -> bool:
+        return any(name == m or name.startswith(m + ".") for m in owners[suffix])
+
+    both = [n for n in names if any(trained(n, s) for s in train_modules)]
+    if not both:
+        return
+    by_suffix = any(_suffix_match(n, s) for n in both for s in targets or [])
+    overlapping = [s for s in train_modules if any(trained(n, s) for n in both)]
+    raise ValueError(
+        f"{'method.targets' if by_suffix else 'method.target_regex'}: {', '.join(both)} "
+        f"{'is' if len(both) == 1 else 'are'} also trained in full by model.train_modules ({', '.join(overlapping)}); "
+        "a module is either adapted or trained in full: drop it from one of the two"
+    )
 
 
 def unfreeze(model: nn.Module, train_modules: Iterable[str]) -> None:

@@ -5,11 +5,14 @@ import pytest
 import torch
 
 from adarank.atomic import (
+    atomic_link_or_copy,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     atomic_writer,
+    remove_stale_temps,
+    temp_pattern,
 )
 
 
@@ -71,3 +74,47 @@ def test_torch_save_roundtrip_and_failure(tmp_path):
         atomic_torch_save({"w": torch.zeros(1000), "f": lambda: 0}, path)
     assert torch.load(path)["step"] == 7
     assert _only(tmp_path) == ["ckpt.pt"]
+
+
+def test_temp_pattern_matches_the_writers_own_temp_file_and_no_other(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    with atomic_writer(path) as f:
+        f.write(b"x")
+        (live,) = [p.name for p in tmp_path.iterdir()]  # the temp file, mid-write
+    assert temp_pattern(path).fullmatch(live)
+    for other in ("ckpt.pt", ".ckpt.pt.json.abcd1234.tmp", ".xckpt.pt.abcd1234.tmp", ".ckpt.pt.abcd1234.tmp.bak",
+                  "ckpt.pt.abcd1234.tmp", ".ckpt.pt..tmp"):
+        assert not temp_pattern(path).fullmatch(other), other
+
+
+def test_remove_stale_temps_removes_only_the_temps_of_that_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_write_bytes(path, b"good")
+    stale = [".ckpt.pt.abcd1234.tmp", ".ckpt.pt.z_9y8x7w.tmp"]  # what a SIGKILL mid-write leaves (often 0 bytes)
+    others = [".ckpt.pt.json.abcd1234.tmp", ".other.pt.abcd1234.tmp"]
+    for name in stale + others:
+        (tmp_path / name).write_bytes(b"")
+    assert remove_stale_temps(path) == [tmp_path / n for n in sorted(stale)]
+    assert _only(tmp_path) == sorted(["ckpt.pt", *others])
+    assert path.read_bytes() == b"good"
+    assert remove_stale_temps(tmp_path / "missing-dir" / "f") == []
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_link_or_copy_keeps_the_source_and_replaces_the_destination(tmp_path, monkeypatch, links):
+    if not links:
+        def no_links(src, dst):
+            raise OSError("hard links not supported")
+        monkeypatch.setattr("os.link", no_links)
+    src, dst = tmp_path / "a.pt", tmp_path / "b.pt"
+    atomic_write_bytes(src, b"new")
+    atomic_write_bytes(dst, b"old")
+    atomic_link_or_copy(src, dst)
+    assert src.read_bytes() == dst.read_bytes() == b"new"
+    assert src.samefile(dst) == links
+    atomic_write_bytes(src, b"newer")  # a writer replaces by rename: the other name keeps its bytes
+    assert dst.read_bytes() == b"new"
+    assert _only(tmp_path) == ["a.pt", "b.pt"]
+    with pytest.raises(FileNotFoundError):
+        atomic_link_or_copy(tmp_path / "missing", dst)
+    assert dst.read_bytes() == b"new" and _only(tmp_path) == ["a.pt", "b.pt"]

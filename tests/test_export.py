@@ -12,7 +12,7 @@ from peft import PeftModel
 
 import adarank
 
-from conftest import BERT_TARGETS, GPT2_TARGETS, drive, make_batch, randomize_lams, tiny_bert
+from conftest import BERT_TARGETS, GPT2_TARGETS, LLAMA_TARGETS, drive, make_batch, randomize_lams, tiny_bert, tiny_llama
 
 TOL = 1e-5  # max abs logit difference in fp32: the scale is folded into B, so only rounding differs
 
@@ -145,3 +145,53 @@ def test_modules_to_save_that_matches_nothing_raises(tmp_path):
     adarank.inject(model, "lora", r=2, alpha=2.0, targets=["query"], train_modules=["classifier"])
     with pytest.raises(ValueError, match="modules_to_save"):
         adarank.export_peft(model, str(tmp_path), modules_to_save=["clasifier"])
+
+
+def _saved(model, folder):
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_auto_peft_model_loads_a_sequence_classifier_without_naming_the_base(tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+
+    base = tiny_bert()
+    base_dir = _saved(base, tmp_path / "base")
+    model = copy.deepcopy(base)
+    torch.manual_seed(4)
+    adarank.inject(model, "svd", r=4, alpha=8.0, targets=BERT_TARGETS, train_modules=["classifier"])
+    randomize_lams(model, std=3.0)
+    with torch.no_grad():
+        model.classifier.weight.normal_()  # the trained head differs from the saved base's
+    out = tmp_path / "adapter"
+    adarank.export_peft(model, str(out), base_model_name_or_path=base_dir, task_type="SEQ_CLS",
+                        modules_to_save=["classifier"])
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["base_model_name_or_path"], cfg["task_type"]) == (base_dir, "SEQ_CLS")
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert_reproduces(model, loaded, base, make_batch())
+
+
+def test_auto_peft_model_loads_a_causal_lm_without_naming_the_base(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    base = tiny_llama()
+    base_dir = _saved(base, tmp_path / "base")
+    model = copy.deepcopy(base)
+    torch.manual_seed(5)
+    adarank.inject(model, "lora", r=2, alpha=4.0, targets=LLAMA_TARGETS)
+    with torch.no_grad():
+        for _, m in adarank.adapters(model):
+            m.lora_B.normal_(std=0.5)
+    out = tmp_path / "adapter"
+    adarank.export_peft(model, str(out), base_model_name_or_path=base_dir, task_type="CAUSAL_LM")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    assert_reproduces(model, loaded, base, make_batch())
+
+
+def test_export_refuses_an_unknown_task_type(tmp_path):
+    model = tiny_bert()
+    adarank.inject(model, "lora", r=2, alpha=2.0, targets=["query"])
+    with pytest.raises(ValueError, match="task_type"):
+        adarank.export_peft(model, str(tmp_path), task_type="SEQUENCE_CLASSIFICATION")
+    assert not (tmp_path / "adapter_config.json").exists()

@@ -112,3 +112,37 @@ def test_injected_model_still_runs_and_only_adapters_get_grads(bert, batch):
     out.loss.backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None}
     assert got == {f"{n}.{pn}" for n, _ in adarank.svd_adapters(model) for pn in ("P", "lam", "Q")}
+
+
+@pytest.mark.parametrize(
+    "kwargs,train_modules,field,modules",
+    [
+        ({"targets": ["query", "classifier"]}, ["classifier"], "method.targets", "classifier"),
+        # inside a fully trained module: the pooler trains in full, so its dense layer cannot be adapted
+        ({"targets": ["dense"]}, ["classifier", "pooler"], "method.targets", "bert.pooler.dense"),
+        ({"targets": ["query"], "regex": r"classifier|bert\.pooler\.dense"}, ["classifier", "pooler"],
+         "method.target_regex", "bert.pooler.dense, classifier"),
+    ],
+)
+def test_adapting_a_module_that_trains_in_full_is_refused(bert, kwargs, train_modules, field, modules):
+    model = bert
+    with pytest.raises(ValueError) as e:
+        adarank.inject(model, "lora", r=2, alpha=2, train_modules=train_modules, **kwargs)
+    msg = str(e.value)
+    assert msg.startswith(f"{field}: {modules} ") and "\n" not in msg
+    assert "model.train_modules (" in msg
+    assert not adapters(model) and all(p.requires_grad for p in model.parameters())  # nothing half-done
+
+
+def test_runner_refuses_adapting_the_head_it_trains_in_full():
+    from adarank.runner.config import MethodConfig, ModelConfig
+    from adarank.runner.methods import apply_method
+
+    model_cfg = ModelConfig(name="x", name_or_path="random", targets=["query"], train_modules=["classifier"])
+    for name in ("lora", "adalora"):
+        with pytest.raises(ValueError, match=r"^method\.targets: classifier is also trained in full by "
+                                             r"model\.train_modules \(classifier\)"):
+            apply_method(tiny_bert(), MethodConfig(name=name, r=2, targets=["classifier"]), model_cfg)
+    # the head adapted without training it in full is fine
+    apply_method(tiny_bert(), MethodConfig(name="lora", r=2, targets=["classifier"]),
+                 ModelConfig(name="x", name_or_path="random", targets=["query"], train_modules=[]))

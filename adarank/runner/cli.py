@@ -15,6 +15,7 @@ import re
 import sys
 
 import hydra
+import yaml
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,7 +27,7 @@ EXIT_USAGE = 2
 MAX_CHECKED_COMBINATIONS = 256  # a multirun checks every job up to this many
 EXIT_DIVERGED = 3
 #: What a user mistake raises: composition, type and value checks, missing files.
-USER_ERRORS = (HydraException, OmegaConfBaseException, ValueError, OSError, KeyError)
+USER_ERRORS = (HydraException, OmegaConfBaseException, ValueError, OSError, KeyError, yaml.YAMLError)
 
 register()
 
@@ -128,27 +129,71 @@ def prevalidate(argv: list[str]) -> str | None:
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
                 cfg = to_config(compose(config_name="config", overrides=ov))
             preflight(cfg)
+        check_output_dir(overrides, variants[0], multirun=bool(flags))
     except USER_ERRORS as e:  # composition and validation failures; anything else is a bug
         return one_line(e)
     return None
 
 
+def check_output_dir(overrides: list[str], first_job: list[str], multirun: bool) -> None:
+    """The run's output dir (a multirun's sweep dir) can be made: Hydra makes it before our code runs, and
+    its own failure there is a traceback. Making it here is what Hydra would do next anyway."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    # Hydra's own overrides (hydra/launcher=..., hydra.launcher.n_jobs=...), sweeps left out
+    own = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/")) and "," not in o.split("=", 1)[-1]]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hcfg = compose(config_name="config", overrides=first_job + own, return_hydra_config=True)
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(hcfg)  # `${hydra:...}` interpolations in the dir read it
+    try:
+        out = str(OmegaConf.select(hcfg, key))
+    finally:
+        HydraConfig.instance().cfg = previous
+    _check_creatable(out, key)
+
+
+def _check_creatable(path: str, key: str) -> None:
+    """`path` is a directory, or can be made: its nearest existing ancestor is a directory in which a folder
+    can be made (tried with a temporary one, removed at once, so nothing is left behind)."""
+    import tempfile
+
+    probe = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise OSError(f"{key}: cannot create the output dir {path}: {probe} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".adarank-probe-"))
+    except OSError as e:
+        raise OSError(f"{key}: cannot create the output dir {path}: {probe}: {e.strerror or e}") from None
+
+
 def preflight(cfg: Config) -> int:
     """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
-    from ..inject import find_targets, unfreeze
+    from ..inject import unfreeze
     from ..schedule import make_schedule
     from .data import get_task
-    from .methods import METHODS, method_budget, method_targets
+    from .methods import METHODS, method_budget, target_names
     from .models import meta_model, resolve_path, tokenizer_source
     from .peft_baselines import peft_task_type
     from .train import check_cuda_graph, pick_device, total_steps
 
     get_task(cfg.task.name)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each rank sees 1/world of the data
-    check_cuda_graph(cfg.train.cuda_graph, pick_device(cfg.train.device), world)
+    device = pick_device(cfg.train.device)
+    check_cuda_graph(cfg.train.cuda_graph, device, world)
+    if device.type == "cpu" and cfg.model.dtype == "float16":
+        # the head (and everything, for full fine-tuning) would train in fp16 on a CPU: NaN within steps
+        raise ValueError("model.dtype: float16 weights cannot train on a CPU (the trained modules would be fp16); "
+                         "use float32 or bfloat16 there")
+    check_tracking(cfg.wandb.mode)
     if cfg.data.dir is not None and not os.path.isdir(os.path.expanduser(cfg.data.dir)):
         raise FileNotFoundError(f"data.dir: {cfg.data.dir} is not a directory")
     data = _load_task_cached(cfg.task.name, cfg.data.dir, cfg.seed, cfg.data.val_fraction, cfg.data.max_train_samples)
+    check_splits(data.splits, cfg.task.name, cfg.data.dir)
     n_batches = math.ceil(math.ceil(len(data.splits["train"]) / world) / cfg.train.batch_size)
     # a causal task packs tokens into blocks, so its T is only known after tokenising: unless
     # train.max_steps fixes it, its schedule is checked when training starts
@@ -157,17 +202,54 @@ def preflight(cfg: Config) -> int:
     mc, m = cfg.model, cfg.method
     model = meta_model(mc.name_or_path, None if data.task.is_causal else data.task.num_labels, mc.random_config,
                        mc.config_overrides)
+    check_positions(model, cfg.task.max_length)
     spec = METHODS[m.name]
     if spec.peft:
         peft_task_type(model)  # PEFT's model class needs a known head
-    names = find_targets(model, method_targets(m, mc), m.target_regex)
+    names = target_names(model, m, mc)
     unfreeze(model, mc.train_modules)
     if spec.adaptive:
         method_budget(model, m, names)
         if known_T:
             make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
     resolve_path(tokenizer_source(cfg.model.name_or_path, cfg.model.tokenizer))
+    _tokenizer_loads(cfg.model.name_or_path, cfg.model.tokenizer)
     return T
+
+
+def check_splits(splits: dict, task: str, data_dir: str | None) -> None:
+    """Every split a run trains on or scores is non-empty (an empty dev split would fail at the first
+    evaluation, after training)."""
+    where = f" in {data_dir}" if data_dir else ""
+    for name, split in splits.items():
+        if name != "test" and len(split) == 0:
+            raise ValueError(f"data: the {name} split of {task}{where} has no rows")
+
+
+def check_positions(model, max_length: int) -> None:
+    """task.max_length fits the model's position embeddings (a longer batch fails mid-training)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ValueError(f"task.max_length: {max_length} tokens exceed the model's {limit} positions "
+                         f"(max_position_embeddings); use task.max_length={limit} or less")
+
+
+def check_tracking(mode: str) -> None:
+    """wandb.mode=online needs credentials; without them W&B fails after the model loaded."""
+    from .tracking import wandb_credentials
+
+    if mode == "online" and not wandb_credentials():
+        raise ValueError("wandb.mode: online needs W&B credentials (`wandb login`, or $WANDB_API_KEY); "
+                         "use wandb.mode=offline and `wandb sync` later")
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_loads(name_or_path: str, tokenizer: str | None) -> None:
+    """The tokenizer can be loaded (a hub id that does not exist would otherwise fail after the data is
+    tokenised); its errors name the field it came from. Read once per sweep."""
+    from .models import load_tokenizer
+
+    load_tokenizer(name_or_path, tokenizer)
 
 
 @functools.lru_cache(maxsize=8)
@@ -188,9 +270,11 @@ def check_out_dir(out_dir: str, cfg: Config) -> None:
             f"{out_dir} already holds a run ({', '.join(busy)}); pass resume=true to continue it or overwrite=true to start over"
         )
     if cfg.overwrite and not cfg.resume and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank
-        for stale in (CKPT_NAME, "diverged.json"):  # a fresh start: the old run's checkpoint and record go
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, stale))
+        from . import checkpoint
+
+        checkpoint.remove(out_dir)  # a fresh start: the old run's checkpoints and record go
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, "diverged.json"))
 
 
 def pin_gpu(cfg: Config) -> None:
@@ -211,23 +295,44 @@ def pin_gpu(cfg: Config) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _app(dcfg: DictConfig) -> float | None:
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from .lock import OutDirLock
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    log = logging.getLogger("adarank").info  # the console and run.log (Hydra's job logging)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 owns the dir
+    with contextlib.ExitStack() as owned:  # the lock goes when the run ends, however it ends
+        try:
+            cfg = to_config(dcfg)
+            pin_gpu(cfg)
+            if main_rank:
+                owned.enter_context(OutDirLock(out_dir, warn=log))
+            check_out_dir(out_dir, cfg)
+            preflight(cfg)
+        except USER_ERRORS as e:
+            print(f"adarank: error: {one_line(e)}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        return _train(cfg, out_dir, log)
+
+
+def _train(cfg: Config, out_dir: str, log) -> float | None:
+    """Train, and say how it went in one line; a diverged run is recorded and, in a multirun, not the end."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from ..atomic import atomic_write_json
+    from .checkpoint import CheckpointError
+    from .resume import ResumeRefused
     from .train import TrainingDiverged, train
 
-    out_dir = HydraConfig.get().runtime.output_dir
     try:
-        cfg = to_config(dcfg)
-        pin_gpu(cfg)
-        check_out_dir(out_dir, cfg)
-        preflight(cfg)
-    except USER_ERRORS as e:
-        print(f"adarank: error: {one_line(e)}", file=sys.stderr)
+        res = train(cfg, out_dir, log=log)
+    except (ResumeRefused, CheckpointError) as e:  # found before any data or model loaded
+        print(f"adarank: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    try:
-        res = train(cfg, out_dir)
     except TrainingDiverged as e:
         print(f"adarank: error: {e}", file=sys.stderr)
         # a diverged run (a too-high learning rate in a grid, say) is a result: recorded next to its checkpoint
@@ -237,7 +342,7 @@ def _app(dcfg: DictConfig) -> float | None:
             return None  # one job's divergence is not the sweep's end: the other jobs go on
         sys.exit(EXIT_DIVERGED)
     final = res["metrics"]["final"]
-    print(
+    log(
         f"[{res['method']} on {res['task']}] dev {res['metric']} = {res['value']:.4f} "
         f"(at the best-validation step: {res['best_value']:.4f}); "
         f"{res['trainable_params']:,} trainable params; {res['steps']} steps in {res['seconds']:.0f}s; "

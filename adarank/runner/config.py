@@ -1,23 +1,45 @@
 """Typed configuration: YAML → these dataclasses (validated in __post_init__) → flat arguments.
 
-Registered in Hydra's ConfigStore, so a typo, an unknown key or a wrong type fails at composition.
+Registered in Hydra's ConfigStore, so a typo, an unknown key or a wrong type fails at composition. Each
+section's checks name the field (`section.field: ...`); in every section a float must be finite, and no name
+or path may be an empty string (null, where a field allows it, is how to leave one unset).
 Layers never see these objects: builders in `adarank.runner.methods` unpack them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
+#: MethodConfig fields that only an adaptive method reads and that change what a run is compared at (its
+#: budget): setting one for a fixed-rank method is an error rather than silently ignored. init_rank and
+#: init_ratio only shape the adaptive schedule, so a sweep over methods may set them for all its jobs.
+ADAPTIVE_ONLY = ("target_total_rank", "target_params")
+SEED_LIMIT = 2**32  # numpy's np.random.seed takes seeds in [0, 2**32)
 
 
 def _check(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{field_name}: {msg}")
+
+
+def _check_finite(obj: Any, section: str) -> None:
+    """Every float field of a config section must be a finite number: inf and nan are never meant."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float):
+            _check(math.isfinite(v), f"{section}.{f.name}", f"must be a finite number, got {v}")
+
+
+def _check_not_empty(obj: Any, section: str, names: tuple[str, ...]) -> None:
+    """These string fields must not be '' (null, where allowed, is how to leave one unset)."""
+    for name in names:
+        _check(getattr(obj, name) != "", f"{section}.{name}", "must not be empty")
 
 
 @dataclass
@@ -37,13 +59,15 @@ class ModelConfig:
     random_config: dict[str, Any] = field(default_factory=dict)
     """Only for name_or_path=random: BertConfig fields of the random model."""
     tokenizer: Optional[str] = None
-    """Tokenizer path or id when it differs from name_or_path (`minilm` allowed)."""
+    """Tokenizer path or id when it differs from name_or_path (`minilm` allowed); null uses the model's."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """Fields of the pretrained model's config set before its weights load, e.g. {hidden_dropout_prob: 0.0}."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(bool(self.name_or_path), "model.name_or_path", "must not be empty")
+        _check_not_empty(self, "model", ("name", "tokenizer"))
+        _check_finite(self, "model")
 
 
 @dataclass
@@ -60,6 +84,7 @@ class TaskConfig:
 
         _check(self.name in TASKS, "task.name", f"unknown task {self.name!r}; choose one of {sorted(TASKS)}")
         _check(8 <= self.max_length <= 8192, "task.max_length", f"must be in [8, 8192], got {self.max_length}")
+        _check_finite(self, "task")
 
 
 @dataclass
@@ -67,7 +92,7 @@ class DataConfig:
     """Where data comes from and how much of it is used."""
 
     dir: Optional[str] = None
-    """Local GLUE directory in the official TSV layout; defaults to $ADARANK_DATA, else the hub."""
+    """Local GLUE directory in the official TSV layout; null defaults to $ADARANK_DATA, else the hub."""
     val_fraction: float = 0.1
     """Share of train held out for model selection. The official dev set is never used to choose."""
     max_train_samples: Optional[int] = None
@@ -75,9 +100,11 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     """Cap each evaluation split to a fixed random subset of N rows (the same for every run). None keeps all."""
     cache_dir: Optional[str] = None
-    """Tokenisation cache; defaults to ~/.cache/adarank."""
+    """Tokenisation cache; null defaults to ~/.cache/adarank."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "data")
+        _check_not_empty(self, "data", ("dir", "cache_dir"))
         _check(0 < self.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         for name in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, name)
@@ -104,7 +131,7 @@ class MethodConfig:
     targets: Optional[list[str]] = None
     """Module name suffixes to adapt; null uses model.targets."""
     target_regex: Optional[str] = None
-    """A regex that must fully match module names, in addition to targets."""
+    """A regex that must fully match module names, in addition to targets; null for none."""
     adapter_dtype: str = "float32"
     """Adapter parameter dtype."""
     fused: bool = False
@@ -116,13 +143,16 @@ class MethodConfig:
     lr: Optional[float] = None
     """Overrides train.lr for this method (e.g. full fine-tuning wants a smaller one)."""
     init_rank: Optional[int] = None
-    """adalora: initial rank per matrix; null = ceil(init_ratio × target)."""
+    """adalora: initial rank per matrix; null = ceil(init_ratio × target). Ignored by the fixed-rank methods
+    (so a sweep over methods can set it for its adaptive jobs)."""
     init_ratio: float = 1.5
-    """adalora: initial rank over target rank, 1.5 in the paper."""
+    """adalora: initial rank over target rank, 1.5 in the paper. Ignored by the fixed-rank methods."""
     target_total_rank: Optional[int] = None
-    """adalora: give the final budget as a total rank instead of method.r."""
+    """adalora: give the final budget as a total rank (>= 1) instead of method.r. Only for the adaptive
+    methods: a fixed-rank method cannot honour it, so setting it there is an error."""
     target_params: Optional[int] = None
-    """adalora: give the final budget as a number of adapter parameters instead of method.r."""
+    """adalora: give the final budget as a number of adapter parameters (>= 1) instead of method.r. Only for
+    the adaptive methods, like target_total_rank."""
     init_frac: float = 0.1
     """adalora: fraction of total steps before pruning starts (t_i / T)."""
     final_frac: float = 0.2
@@ -149,6 +179,12 @@ class MethodConfig:
 
         names = tuple(METHODS)
         _check(self.name in METHODS, "method.name", f"unknown method {self.name!r}; choose one of {names}")
+        _check_finite(self, "method")
+        _check_not_empty(self, "method", ("target_regex",))
+        adaptive = [n for n, spec in METHODS.items() if spec.adaptive]
+        for name in ADAPTIVE_ONLY:
+            _check(getattr(self, name) is None or self.name in adaptive, f"method.{name}",
+                   f"only for the adaptive methods ({', '.join(adaptive)}); {self.name} would ignore it")
         if self.name != "full":
             _check(self.r >= 1, "method.r", f"must be >= 1, got {self.r}")
         if self.alpha_ratio is not None:
@@ -163,6 +199,9 @@ class MethodConfig:
         _check(self.lr is None or self.lr > 0, "method.lr", f"must be > 0, got {self.lr}")
         _check(self.init_rank is None or self.init_rank >= 1, "method.init_rank", f"must be >= 1, got {self.init_rank}")
         _check(self.init_ratio >= 1, "method.init_ratio", f"must be >= 1, got {self.init_ratio}")
+        for name in ("target_total_rank", "target_params"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, f"method.{name}", f"must be >= 1 or null, got {v}")
         _check(0 <= self.init_frac < 1, "method.init_frac", f"must be in [0, 1), got {self.init_frac}")
         _check(0 <= self.final_frac < 1, "method.final_frac", f"must be in [0, 1), got {self.final_frac}")
         _check(self.init_frac + self.final_frac < 1, "method.init_frac", "init_frac + final_frac must be < 1")
@@ -230,6 +269,7 @@ class TrainConfig:
     """Debug: after every allocator step, check that all DDP ranks hold the same mask (a collective)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -266,6 +306,8 @@ class WandbConfig:
     def __post_init__(self) -> None:
         modes = ("offline", "online", "disabled")
         _check(self.mode in modes, "wandb.mode", f"must be one of {modes}, got {self.mode!r}")
+        _check_not_empty(self, "wandb", ("project",))
+        _check_finite(self, "wandb")
 
 
 @dataclass
@@ -281,13 +323,20 @@ class Config:
     experiment_name: str = "quickstart"
     """Experiment name: the W&B group and the output folder. Set by each experiment file."""
     seed: int = 0
-    """Seed for python, numpy and torch, and the data split."""
+    """Seed for python, numpy and torch, and the data split: in [0, 2**32)."""
     resume: bool = False
     """Continue the run in this output dir from its last checkpoint."""
     overwrite: bool = False
     """Allow starting over in an output dir that already holds a run."""
 
     def __post_init__(self) -> None:
+        _check(0 <= self.seed < SEED_LIMIT, "seed", f"must be in [0, 2**32), got {self.seed}")
+        _check(self.experiment_name != "", "experiment_name", "must not be empty")
+        _check(
+            bool(self.model.targets) or self.method.targets is not None or bool(self.method.target_regex),
+            "model.targets",
+            "is empty and method.targets is null: give module suffixes here or in method.targets, or method.target_regex",
+        )
         # fp16 weights that train (the head, or everything with method=full) cannot go through the
         # GradScaler, which refuses fp16 gradients
         _check(

@@ -8,6 +8,7 @@ builder returns, so the training loop never asks for a method by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
@@ -66,6 +67,27 @@ def method_targets(method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> list
     return list(method_cfg.targets) if method_cfg.targets is not None else list(model_cfg.targets)
 
 
+@contextlib.contextmanager
+def _fields(renames: dict[str, str]):
+    """Library errors name the library's parameters in config terms of their own; where the value came from
+    another config field, say that field instead (`{"method.targets": "model.targets"}`)."""
+    try:
+        yield
+    except ValueError as e:
+        msg = str(e)
+        for old, new in renames.items():
+            if msg.startswith(old + ":"):
+                raise ValueError(new + msg[len(old):]) from None
+        raise
+
+
+def target_names(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> list[str]:
+    """The full names of the modules to adapt; an error names model.targets when the suffixes came from there."""
+    renames = {} if method_cfg.targets is not None else {"method.targets": "model.targets"}
+    with _fields(renames):
+        return find_targets(model, method_targets(method_cfg, model_cfg), method_cfg.target_regex)
+
+
 def apply_method(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
     """Wrap/freeze `model` according to the method. Raises ValueError naming the field on bad input."""
     return METHODS[method_cfg.name].build(model, method_cfg, model_cfg)
@@ -86,7 +108,14 @@ def method_budget(model: nn.Module, method_cfg: "MethodConfig", names: list[str]
     """The adaptive methods' initial rank and budgets for the adapted modules `names` of `model`."""
     m = method_cfg
     shapes = [base_dims(model.get_submodule(n)) for n in names]
-    return resolve_budget(shapes, None if _explicit_target(m) else m.r, m.target_total_rank, m.target_params, m.init_rank, m.init_ratio)
+    try:
+        return resolve_budget(shapes, None if _explicit_target(m) else m.r, m.target_total_rank, m.target_params, m.init_rank, m.init_ratio)
+    except ValueError as e:
+        # a budget that resolves to no triplet at all is the fault of the field that set it
+        given = "method.target_params" if m.target_params is not None else "method.target_total_rank"
+        if _explicit_target(m) and "resolves to" in str(e):
+            raise ValueError(given + str(e).removeprefix("method.r")) from None
+        raise
 
 
 def final_average_rank(target_total: int, n_modules: int) -> float:
@@ -95,14 +124,27 @@ def final_average_rank(target_total: int, n_modules: int) -> float:
     return int(avg) if avg == int(avg) else round(avg, 3)
 
 
-def _save_export(model: nn.Module, train_modules: list[str]) -> Callable[[str], None]:
-    return lambda out_dir: export_peft(model, os.path.join(out_dir, "adapter"), modules_to_save=train_modules)
+def _save_export(model: nn.Module, model_cfg: "ModelConfig") -> Callable[[str], None]:
+    """Writes `adapter/` in PEFT's LoRA format, naming the base model and the task type so that
+    `AutoPeftModel*.from_pretrained(adapter_dir)` finds them (no base for a random or GGUF model: nothing could
+    load those by path)."""
+    from .models import resolve_path
+
+    name = model_cfg.name_or_path
+    path = None if name in ("random", "smollm2") else resolve_path(name)
+    base = os.path.abspath(path) if path is not None and os.path.isdir(path) else path  # a hub id stays an id
+    try:
+        task_type = peft_baselines.peft_task_type(model)
+    except ValueError:  # a model of another class: PEFT's plain PeftModel
+        task_type = None
+    return lambda out_dir: export_peft(model, os.path.join(out_dir, "adapter"), base_model_name_or_path=base,
+                                       modules_to_save=list(model_cfg.train_modules), task_type=task_type)
 
 
 # ---- the builders ----------------------------------------------------------------------------------
 def build_full(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
     """Full fine-tuning: everything trains; ΔW of the adapter targets is saved for the spectrum analysis."""
-    names = find_targets(model, method_targets(method_cfg, model_cfg), method_cfg.target_regex)
+    names = target_names(model, method_cfg, model_cfg)
     for p in model.parameters():
         p.requires_grad_(True)
     initial = {n: model.get_submodule(n).weight.detach().float().cpu().clone() for n in names}
@@ -120,11 +162,11 @@ def save_delta(model: nn.Module, initial: dict[str, torch.Tensor], out_dir: str)
 def build_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig", rslora: bool = False) -> Adapted:
     """LoRA: fixed rank method.r everywhere, scale α/r (α/√r with `method.rslora` or `rslora`)."""
     m, targets = method_cfg, method_targets(method_cfg, model_cfg)
-    names = find_targets(model, targets, m.target_regex)
+    names = target_names(model, m, model_cfg)
     train_modules = list(model_cfg.train_modules)
     rep = inject(model, "lora", m.r, m.alpha, targets, m.target_regex, m.dropout, m.rslora or rslora, train_modules,
                  DTYPES[m.adapter_dtype], m.fused)
-    return Adapted(model, rep, m.name, targets=names, save=_save_export(model, train_modules), final_rank=m.r)
+    return Adapted(model, rep, m.name, targets=names, save=_save_export(model, model_cfg), final_rank=m.r)
 
 
 def build_rslora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
@@ -136,7 +178,7 @@ def build_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "Mode
     """Ours: SVD adapters at the initial rank, the orthogonal regulariser, `RankAllocator` (shrinking at the
     final budget with `method.shrink`)."""
     m, targets = method_cfg, method_targets(method_cfg, model_cfg)
-    names = find_targets(model, targets, m.target_regex)
+    names = target_names(model, m, model_cfg)
     budget = method_budget(model, m, names)
     train_modules = list(model_cfg.train_modules)
     rep = inject(model, "svd", budget.init_rank, m.alpha, targets, m.target_regex, m.dropout, m.rslora, train_modules,
@@ -149,13 +191,13 @@ def build_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "Mode
                              shrink_at_final=m.shrink)
 
     return Adapted(model, rep, m.name, budget.target_total, budget.init_rank, reg, names, make_allocator,
-                   _save_export(model, train_modules), final_average_rank(budget.target_total, len(names)))
+                   _save_export(model, model_cfg), final_average_rank(budget.target_total, len(names)))
 
 
 def build_peft_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
     """PEFT's own LoRA, in our loop."""
     m = method_cfg
-    names = find_targets(model, method_targets(m, model_cfg), m.target_regex)
+    names = target_names(model, m, model_cfg)
     peft_model, report = peft_baselines.peft_lora(model, names, m.r, m.alpha, m.dropout, m.rslora, list(model_cfg.train_modules))
     return Adapted(peft_model, report, m.name, targets=names, save=peft_baselines.save_adapter(peft_model), final_rank=m.r)
 
@@ -164,7 +206,7 @@ def build_peft_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: 
     """PEFT's own AdaLoRA, in our loop: the budget as ours resolves it, PEFT's `update_and_allocate` behind
     the Allocator contract."""
     m = method_cfg
-    names = find_targets(model, method_targets(m, model_cfg), m.target_regex)
+    names = target_names(model, m, model_cfg)
     budget = method_budget(model, m, names)
     target_rank = budget.target_total // len(names)
     peft_model, report = peft_baselines.peft_adalora(

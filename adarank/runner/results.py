@@ -56,9 +56,8 @@ def finish_run(cfg: Config, out_dir: str, model: nn.Module, adapted: Adapted, al
     tracker.summary({"final/" + k: v for k, v in final.items()} | {"best/" + k: v for k, v in best.items()})
     tracker.finish()
     dist_.barrier(dist)
-    path = os.path.join(out_dir, ckpt.CKPT_NAME)
-    if dist.is_main and os.path.exists(path):
-        os.remove(path)  # the run finished: results.json is the record, the checkpoint is obsolete
+    if dist.is_main:
+        ckpt.remove(out_dir)  # the run finished: results.json is the record, the checkpoints are obsolete
     return results
 
 

@@ -133,3 +133,19 @@ class Tracker:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.finish(exit_code=0 if exc_type is None else 1)
+
+
+def wandb_credentials() -> bool:
+    """Whether W&B can log in without asking: $WANDB_API_KEY, or an entry for its host in ~/.netrc (what
+    `wandb login` writes). Offline and disabled modes need neither."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False

@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -28,6 +28,7 @@ from .methods import Adapted, apply_method, build_allocator
 from .models import load_causal_lm, load_model, load_tokenizer
 from .monitor import NormWatch, adapter_norms, base_norms
 from .provenance import code_sha256
+from .resume import check_resumable
 from .results import finish_run, load_finished
 from .state import LoopState
 from .step import OptimizerStep, trainable
@@ -47,10 +48,12 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     tc = cfg.train
     env = setup_env(tc, log)
     device, dist, log = env.device, env.dist, env.log
-    saved = ckpt.load(out_dir) if cfg.resume else None
+    saved = ckpt.load(out_dir) if cfg.resume else None  # a fallback to the previous checkpoint warns on stderr
     if cfg.resume and saved is None and os.path.exists(os.path.join(out_dir, "results.json")):
         log(f"run in {out_dir} already finished; nothing to resume")
         return load_finished(out_dir)
+    if saved is not None:  # before any data or model loads
+        check_resumable(saved.get("config"), asdict(cfg), out_dir, log)
 
     data = prepare_data(cfg, env)
     T = total_steps(len(data.train), tc.epochs, tc.grad_accum, tc.max_steps)
@@ -68,7 +71,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         unit.use_graphs(fwd, device.type, tc.cuda_graph_shapes)
     tracker = make_tracker(cfg, out_dir, loop, resumed=saved is not None, enabled=dist.is_main)
     evaluator = Evaluator(model, data.eval_sets, data.task, device, env.amp, tracker)
-    checkpoints = Checkpoints(out_dir, env, last=loop.step if saved is not None else None)
+    checkpoints = Checkpoints(out_dir, env, last=loop.step if saved is not None else None, config=asdict(cfg))
     eval_every = tc.eval_every or math.ceil(len(data.train) / tc.grad_accum)
     ckpt_every = tc.checkpoint_every or eval_every
     watch = NormWatch(floors=base_norms(model))
@@ -118,7 +121,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     res = evaluator.run(loop.step, loop.history)
                     timing["eval"] += time.perf_counter() - t0
-                    log(f"step {loop.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))
+                    say(f"step {loop.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()), log, bar)
                 if loop.step % ckpt_every == 0 and not done:
                     # at an optimizer-step boundary, so resuming re-enters the loop exactly
                     timing["checkpoint"] += checkpoints.save(loop, model, unit)
@@ -314,8 +317,6 @@ def wrap(model: nn.Module, env: Env, compile_model: bool) -> tuple[nn.Module, nn
 
 def make_tracker(cfg: Config, out_dir: str, loop: LoopState, resumed: bool, enabled: bool) -> Tracker:
     """W&B (or nothing), grouped by experiment; a resumed run continues its W&B run."""
-    from dataclasses import asdict
-
     m = cfg.method
     tracker = Tracker(
         mode=cfg.wandb.mode, project=cfg.wandb.project, group=cfg.experiment_name, job_type=m.name,
@@ -324,6 +325,15 @@ def make_tracker(cfg: Config, out_dir: str, loop: LoopState, resumed: bool, enab
     )
     loop.history["wandb_id"] = tracker.run_id
     return tracker
+
+
+def say(msg: str, log: Callable[..., None], bar) -> None:
+    """A line on its own, not on the progress bar's line: the bar is cleared, then drawn again below it."""
+    if bar is not None:
+        bar.clear()
+    log(msg)
+    if bar is not None:
+        bar.refresh()
 
 
 def progress_bar(train_cfg: TrainConfig, total: int, initial: int, desc: str, is_main: bool):
@@ -371,8 +381,8 @@ def log_step(loop: LoopState, unit: OptimizerStep, allocation, model: nn.Module,
 class Checkpoints:
     """Writes the run's checkpoint (rank 0), never replacing a good one with a diverged one."""
 
-    def __init__(self, out_dir: str, env: Env, last: int | None) -> None:
-        self.out_dir, self.env = out_dir, env
+    def __init__(self, out_dir: str, env: Env, last: int | None, config: dict[str, Any]) -> None:
+        self.out_dir, self.env, self.config = out_dir, env, config  # the resolved config: resuming checks it
         self.path = os.path.join(out_dir, ckpt.CKPT_NAME)
         self.last = last  # the step of the checkpoint on disk (None before the first)
 
@@ -399,7 +409,7 @@ class Checkpoints:
             ckpt.save(self.out_dir, {
                 "model": weights, "optimizer": unit.optimizer.state_dict(), "scheduler": unit.scheduler.state_dict(),
                 "scaler": unit.scaler.state_dict(), "allocator": allocator.state_dict() if allocator is not None else None,
-                "rng": rng, **loop.to_checkpoint(),
+                "rng": rng, "config": self.config, **loop.to_checkpoint(),
             })
         dist_.barrier(dist)
         self.last = loop.step

@@ -2,9 +2,17 @@
 
     python -m adarank.report DIR... [--out OUT_DIR] [--metric value|best_value] [--reference adalora]
 
+Models. Runs are grouped by (task, model, method, budget), the model being results.json's ``model``:
+runs of different models are never averaged, paired or chosen between. When the runs of one group
+differ in a config field that changes the computation (any but the seed, the learning rate, output
+paths, logging, progress, device, W&B and execution settings: ``adarank.studies.runs.NOT_COMPUTATION``),
+a warning per group names the fields and their values, and summary.md lists them. With more than
+one model, ``runs.csv`` and every table gain a ``model`` column (after ``task``), the per-group plots'
+names and the metric-vs-budget lines name the model; with one model the outputs have no such column.
+
 Learning rate. Each run's learning rate is the one its optimizer ran with: results.json's ``lr``,
 or, in files written before that field, ``config.method.lr`` (``config.train.lr`` when that is
-null; see ``adarank.studies.runs.applied_lr``). When a (task, method, budget) ran at several
+null; see ``adarank.studies.runs.applied_lr``). When a (task, model, method, budget) ran at several
 learning rates, the one with the best mean carved-validation metric over its seeds
 (``metrics.best["val/<metric>"]``, the ``val_value`` column) is chosen: higher is better, lower
 for ppl/perplexity/nll/loss, and ties go to the smaller learning rate. The official dev values
@@ -24,7 +32,8 @@ are their own row and are paired with every budget.
 
 Plots, in OUT_DIR: ``metric_vs_budget_<task>.png``; per (task, method, budget) of an adaptive
 method, ``rank_heatmap_<task>_<method>_r<budget>.png`` (mean final rank over seeds, layer x
-matrix type) and ``budget_curve_<task>_<method>_r<budget>.png`` (the budget schedule).
+matrix type) and ``budget_curve_<task>_<method>_r<budget>.png`` (the budget schedule); with runs of
+several models, ``<task>_<model>_<method>`` in those names.
 Needs numpy and scipy, not pandas.
 """
 
@@ -52,15 +61,20 @@ from adarank.studies.errors import StudyError
 from adarank.studies.plots import budget_curves, metric_vs_budget
 from adarank.studies.runs import (
     applied_lr,
+    computation_config,
+    config_differences,
     find_diverged,
     find_results,
     get_nested,
     read_record,
+    record_model,
 )
 
 RESULT_COLUMNS = ("task", "method", "budget", "seed", "metric", "value", "best_value",
                   "trainable_params", "steps", "seconds")
 COLUMNS = (*RESULT_COLUMNS, "lr", "val_value", "selected")
+#: runs.csv's columns when the runs are of more than one model
+MODEL_COLUMNS = (COLUMNS[0], "model", *COLUMNS[1:])
 REQUIRED = ("task", "method", "seed", "value")
 #: methods in the order the runner lists them (its registry); unknown ones sort last, by name
 METHOD_ORDER = tuple(METHODS)
@@ -76,9 +90,9 @@ TYPE_ORDER = ("q", "k", "v", "attn-out", "ffn-in", "ffn-out",
 _SHORT_TYPE = {"query": "q", "query_proj": "q", "key": "k", "key_proj": "k", "value": "v", "value_proj": "v"}
 PEFT_PREFIX = "base_model.model."
 
-Config = tuple[str, int | None]  # (method, budget)
-Key = tuple[str, str, int | None]  # (task, method, budget)
-Groups = dict[Key, dict[int, float]]  # (task, method, budget) -> seed -> value
+Key = tuple[str, str | None, str, int | None]  # (task, model, method, budget): one group of runs
+Groups = dict[tuple[str, str, int | None], dict[int, float]]  # (task, method, budget) -> seed -> value, one model
+ModelGroups = dict[Key, dict[int, float]]  # (task, model, method, budget) -> seed -> value
 
 
 # ---------------------------------------------------------------- loading
@@ -89,7 +103,8 @@ def _float(x: Any) -> float | None:
 
 
 def load_row(path: Path) -> dict[str, Any]:
-    """The report's columns from one ``results.json``, plus ``path``, ``final_ranks`` and ``budget_curve``."""
+    """The report's columns from one ``results.json``, plus ``model``, ``path``, ``final_ranks``, ``budget_curve``
+    and ``config`` (its fields that change the computation, see ``computation_config``)."""
     data = read_record(path)
     missing = [k for k in REQUIRED if data.get(k) is None]
     if missing:
@@ -102,6 +117,8 @@ def load_row(path: Path) -> dict[str, Any]:
     row["selected"] = True  # until select_lr has seen the other learning rates
     row["final_ranks"] = {n: float(r) for n, r in (data.get("final_ranks") or {}).items()}
     row["budget_curve"] = [[int(s), float(b)] for s, b in data.get("budget_curve") or []]
+    row["model"] = record_model(data)
+    row["config"] = computation_config(data)
     row["path"] = str(path)
     return row
 
@@ -118,37 +135,80 @@ def _lr_key(lr: float | None) -> tuple[bool, float]:
     return (lr is None, 0.0 if lr is None else lr)  # an unknown lr sorts last
 
 
+def _model_key(model: str | None) -> tuple[bool, str]:
+    return (model is None, model or "")  # an unknown model sorts last
+
+
 def _group_key(key: Key) -> tuple:
-    return (key[0], _method_key(key[1]), _budget_key(key[2]))
+    return (key[0], _model_key(key[1]), _method_key(key[2]), _budget_key(key[3]))
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
-    return (row["task"], _method_key(row["method"]), _budget_key(row["budget"]), _lr_key(row["lr"]), row["seed"])
+    return (*_group_key(_key(row)), _lr_key(row["lr"]), row["seed"])
 
 
 def _key(row: dict[str, Any]) -> Key:
-    return (row["task"], row["method"], row["budget"])
+    return (row["task"], row["model"], row["method"], row["budget"])
 
 
 def _lr(lr: float | None) -> str:
     return "-" if lr is None else format(lr, "g")
 
 
+def _model(model: str | None) -> str:
+    return "-" if model is None else model
+
+
+def several_models(rows: Iterable[dict[str, Any]]) -> bool:
+    """Whether ``rows`` are runs of more than one model (then the outputs name the model)."""
+    return len({r["model"] for r in rows}) > 1
+
+
+def _group(key: Key, multi: bool) -> str:
+    """``task=... [model=...] method=... budget=...`` of a group, for warnings."""
+    task, model, method, budget = key
+    return f"task={task}" + (f" model={_model(model)}" if multi else "") + f" method={method} budget={_budget(budget)}"
+
+
 def load_rows(paths: Iterable[Path], warn: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Rows sorted by task, method, budget, lr, seed; unreadable files and duplicates are warned about."""
+    """Rows sorted by task, model, method, budget, lr, seed; unreadable files and duplicates are warned about
+    (a duplicate names its model when the runs are of several)."""
     rows: dict[tuple, dict[str, Any]] = {}
+    notes: list[str | tuple[tuple, str, str]] = []  # warnings in file order; duplicates formatted at the end
     for path in paths:
         try:
             row = load_row(path)
         except (OSError, ValueError, TypeError, AttributeError) as e:
-            warn(f"warning: skipping {path}: {e}")
+            notes.append(f"warning: skipping {path}: {e}")
             continue
-        key = (row["task"], row["method"], row["budget"], row["lr"], row["seed"])
+        key = (*_key(row), row["lr"], row["seed"])
         if key in rows:
-            warn(f"warning: duplicate run task={key[0]} method={key[1]} budget={key[2]} lr={_lr(key[3])}"
-                 f" seed={key[4]}: keeping {path}, dropping {rows[key]['path']}")
+            notes.append((key, str(path), rows[key]["path"]))
         rows[key] = row  # paths come sorted, so the last one by path order wins
+    multi = several_models(rows.values())
+    for note in notes:
+        if isinstance(note, tuple):
+            (task, model, method, budget, lr, seed), kept, dropped = note
+            note = (f"warning: duplicate run task={task}" + (f" model={_model(model)}" if multi else "")
+                    + f" method={method} budget={budget} lr={_lr(lr)} seed={seed}: keeping {kept}, dropping {dropped}")
+        warn(note)
     return sorted(rows.values(), key=_row_key)
+
+
+def mixed_configs(rows: Iterable[dict[str, Any]]) -> dict[Key, dict[str, list[str]]]:
+    """Per group (task, model, method, budget) whose runs differ in a config field that changes the computation
+    (see ``adarank.studies.runs.NOT_COMPUTATION``): field -> its distinct values. All runs count, at any lr."""
+    by_group: dict[Key, list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        by_group[_key(r)].append(r.get("config") or {})
+    return {key: diff for key in sorted(by_group, key=_group_key) if (diff := config_differences(by_group[key]))}
+
+
+def mixed_config_lines(mixed: Mapping[Key, Mapping[str, Sequence[str]]], multi: bool) -> list[str]:
+    """One line per group of ``mixed_configs``, naming the fields and their values."""
+    return [f"{_group(key, multi)}: its runs differ in "
+            + ", ".join(f"{name} ({' vs '.join(values)})" for name, values in diff.items())
+            + "; they are summarised together" for key, diff in mixed.items()]
 
 
 def _cell(x: Any) -> Any:
@@ -157,13 +217,15 @@ def _cell(x: Any) -> Any:
     return str(x).lower() if isinstance(x, bool) else x
 
 
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``rows`` with ``COLUMNS`` as ``runs.csv`` (None as an empty cell, booleans as true/false)."""
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Write ``rows`` as ``runs.csv`` (None as an empty cell, booleans as true/false): ``columns``, by default
+    ``COLUMNS``, or ``MODEL_COLUMNS`` when the rows are of several models."""
+    columns = columns or (MODEL_COLUMNS if several_models(rows) else COLUMNS)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     for r in rows:
-        writer.writerow([_cell(r[c]) for c in COLUMNS])
+        writer.writerow([_cell(r[c]) for c in columns])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -198,7 +260,7 @@ def choose_lr(mean_val: Mapping[float | None, float | None], lower: bool = False
 
 @dataclass
 class LrChoice:
-    """The learning rates one (task, method, budget) ran at, and the one chosen."""
+    """The learning rates one (task, model, method, budget) ran at, and the one chosen."""
 
     runs: dict[float | None, list[dict[str, Any]]]
     """lr -> its runs, in lr order."""
@@ -217,7 +279,7 @@ class LrChoice:
 
 
 def select_lr(rows: Iterable[dict[str, Any]]) -> dict[Key, LrChoice]:
-    """Per (task, method, budget), choose the lr by the mean validation metric over seeds (see ``choose_lr``)."""
+    """Per (task, model, method, budget), choose the lr by the mean validation metric over seeds (see ``choose_lr``)."""
     by_group: dict[Key, dict[float | None, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by_group[_key(r)][r["lr"]].append(r)
@@ -244,13 +306,18 @@ def mark_selected(rows: Iterable[dict[str, Any]], choices: Mapping[Key, LrChoice
 # ---------------------------------------------------------------- statistics
 
 
-def group_values(rows: Iterable[dict[str, Any]], column: str) -> Groups:
-    """(task, method, budget) -> {seed: value of ``column``}, skipping runs that lack it."""
-    groups: Groups = defaultdict(dict)
+def group_values(rows: Iterable[dict[str, Any]], column: str) -> ModelGroups:
+    """(task, model, method, budget) -> {seed: value of ``column``}, skipping runs that lack it."""
+    groups: ModelGroups = defaultdict(dict)
     for r in rows:
         if r[column] is not None:
-            groups[(r["task"], r["method"], r["budget"])][r["seed"]] = float(r[column])
+            groups[_key(r)][r["seed"]] = float(r[column])
     return dict(groups)
+
+
+def of_model(groups: ModelGroups, model: str | None) -> Groups:
+    """The groups of one model, keyed (task, method, budget)."""
+    return {(t, me, b): v for (t, mo, me, b), v in groups.items() if mo == model}
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float | None]:
@@ -259,15 +326,16 @@ def mean_std(values: Iterable[float]) -> tuple[float, float | None]:
     return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
 
 
-def task_average(groups: Groups) -> tuple[list[str], dict[Config, float]]:
-    """GLUE-style score: per (method, budget), the mean over tasks of per-task means.
+def task_average(groups: Groups | ModelGroups) -> tuple[list[str], dict[tuple, float]]:
+    """GLUE-style score: per (method, budget), or (model, method, budget) for groups keyed with the model,
+    the mean over tasks of per-task means.
 
-    Only tasks that every (method, budget) has are used, so the averages are comparable.
+    Only tasks that every one of them has are used, so the averages are comparable.
     Returns those tasks and the averages.
     """
-    tasks_of: dict[Config, set[str]] = defaultdict(set)
-    for task, method, budget in groups:
-        tasks_of[(method, budget)].add(task)
+    tasks_of: dict[tuple, set[str]] = defaultdict(set)
+    for task, *config in groups:
+        tasks_of[tuple(config)].add(task)
     common = sorted(set.intersection(*tasks_of.values())) if tasks_of else []
     averages = {
         cfg: float(np.mean([mean_std(groups[(t, *cfg)].values())[0] for t in common]))
@@ -340,7 +408,7 @@ def matrix_type(name: str) -> str:
 
 
 def mean_ranks(rows: Iterable[dict[str, Any]]) -> dict[Key, tuple[int, dict[str, float]]]:
-    """Per (task, method, budget) of runs with ``final_ranks``: (number of runs, module -> mean final rank).
+    """Per (task, model, method, budget) of runs with ``final_ranks``: (number of runs, module -> mean final rank).
 
     A module's mean is over the runs that report it. PEFT's ``base_model.model.`` prefix is dropped,
     so its runs and ours share module names.
@@ -400,26 +468,34 @@ def _table(header: Sequence[str], body: Iterable[Sequence[Any]]) -> list[str]:
     return lines
 
 
-def _lr_section(choices: Mapping[Key, LrChoice], column: str, metric: Mapping[str, str]) -> list[str]:
+def _m(multi: bool, model: str | None = "model") -> list[str]:
+    """The model cell of a table row (the header's with no model given), only when the runs are of several."""
+    return [_model(model)] if multi else []
+
+
+def _lr_section(choices: Mapping[Key, LrChoice], column: str, metric: Mapping[str, str],
+                multi: bool = False) -> list[str]:
     lines = ["", "## Learning rate chosen on the validation split", "",
-             ("Per (task, method, budget), the learning rate with the best mean carved-validation metric "
-              "at the best step (`val_value`) over its seeds; lower is better for perplexities and losses, "
+             (f"Per (task, {'model, ' if multi else ''}method, budget), the learning rate with the best mean "
+              "carved-validation metric at the best step (`val_value`) over its seeds; lower is better for "
+              "perplexities and losses, "
               f"ties go to the smaller lr. The mean dev `{column}` is shown for reference only; it plays no "
               "part in the choice. n: runs with a validation metric / runs."), ""]
     body = []
     for key in sorted(choices, key=_group_key):
         c = choices[key]
-        task, method, budget = key
+        task, model, method, budget = key
         for lr, runs in c.runs.items():
             dev = [r[column] for r in runs if r[column] is not None]
             mark = "✓" if c.found and lr == c.chosen else ("no val metric: left out" if not c.found else "")
-            body.append([task, metric[task], method, _budget(budget), _lr(lr), f"{len(c.vals(lr))}/{len(runs)}",
-                         _num(c.mean_val(lr)), _num(float(np.mean(dev)) if dev else None), mark])
-    return lines + _table(["task", "metric", "method", "budget", "lr", "n", "mean val", f"mean dev {column}",
-                           "chosen"], body)
+            body.append([task, *_m(multi, model), metric[task], method, _budget(budget), _lr(lr),
+                         f"{len(c.vals(lr))}/{len(runs)}", _num(c.mean_val(lr)),
+                         _num(float(np.mean(dev)) if dev else None), mark])
+    return lines + _table(["task", *_m(multi), "metric", "method", "budget", "lr", "n", "mean val",
+                           f"mean dev {column}", "chosen"], body)
 
 
-def _rank_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+def _rank_section(rows: Sequence[dict[str, Any]], multi: bool = False) -> list[str]:
     ranks = mean_ranks(rows)
     if not ranks:
         return []
@@ -433,21 +509,25 @@ def _rank_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     def two(x: float | None) -> str:
         return _num(x, ".2f")
 
+    def group(key: Key) -> list[str]:
+        return [key[0], *_m(multi, key[1]), key[2], _budget(key[3])]
+
     lines = ["", "## Where the rank went", "",
              ("Adaptive methods: the final rank of each module, averaged over seeds, then over the modules of "
               "a matrix type or a layer (all: every module, the average rank the budget fixes). The AdaLoRA "
               "paper finds that FFN matrices (ffn-in, ffn-out) and top layers get more rank."), "",
              "### By matrix type", ""]
-    body = [[*key[:2], _budget(key[2]), _lr(lr_of[key]), n_of[key], two(parts[key]["all"]),
+    body = [[*group(key), _lr(lr_of[key]), n_of[key], two(parts[key]["all"]),
              *(two(parts[key]["type"].get(t)) for t in types)] for key in keys]
-    lines += _table(["task", "method", "budget", "lr", "n seeds", "all", *types], body)
+    header = ["task", *_m(multi), "method", "budget"]
+    lines += _table([*header, "lr", "n seeds", "all", *types], body)
     lines += ["", "### By layer", "",
               ("Bottom and top: the lower and upper halves of the layers "
                "(the middle layer of an odd count is in neither)."), ""]
-    body = [[*key[:2], _budget(key[2]), n_of[key], *(two(parts[key]["layer"].get(la)) for la in layers),
+    body = [[*group(key), n_of[key], *(two(parts[key]["layer"].get(la)) for la in layers),
              two(parts[key]["bottom"]), two(parts[key]["top"])] for key in keys]
     names = ["no layer" if la == NO_LAYER else f"layer {la}" for la in layers]
-    lines += _table(["task", "method", "budget", "n seeds", *names, "bottom", "top"], body)
+    lines += _table([*header, "n seeds", *names, "bottom", "top"], body)
     return lines
 
 
@@ -460,6 +540,57 @@ def _diverged_section(diverged: Sequence[tuple[Path, dict[str, Any]]]) -> list[s
     return lines + _table(["run", "overrides", "error"], rows)
 
 
+def _mixed_section(mixed: Mapping[Key, Mapping[str, Sequence[str]]], multi: bool) -> list[str]:
+    lines = ["", "## Groups whose runs differ in their config", "",
+             ("These groups mix runs that differ in config fields that change the computation (besides the seed "
+              "and the learning rate); their rows in the tables below mix those runs:"), ""]
+    return lines + [f"- {line}" for line in mixed_config_lines(mixed, multi)]
+
+
+def _means_section(groups: ModelGroups, metric: Mapping[str, str], lr_of: Mapping[Key, float | None],
+                   multi: bool) -> list[str]:
+    lines = ["", f"## Mean ± std per task, {'model, ' if multi else ''}method and budget", ""]
+    body = []
+    for key, by_seed in sorted(groups.items(), key=lambda kv: _group_key(kv[0])):
+        task, model, method, budget = key
+        mean, std = mean_std(by_seed.values())
+        body.append([task, *_m(multi, model), metric[task], method, _budget(budget), len(by_seed), _lr(lr_of[key]),
+                     f"{_num(mean)} ± {_num(std)}"])
+    return lines + _table(["task", *_m(multi), "metric", "method", "budget", "n", "lr", "mean ± std"], body)
+
+
+def _average_section(groups: ModelGroups, multi: bool) -> list[str]:
+    lines = ["", "## Average over tasks", ""]
+    every = f"every ({'model, ' if multi else ''}method, budget)"
+    common, averages = task_average(groups)  # per (model, method, budget)
+    if not averages:
+        return lines + [f"No task is shared by {every}; no average."]
+    left_out = sorted({t for t, *_ in groups} - set(common))
+    lines.append(f"Mean of per-task means over {len(common)} task(s) that {every} has: "
+                 f"{', '.join(common)}." + (f" Left out: {', '.join(left_out)}." if left_out else ""))
+    lines.append("")
+    body = [[*_m(multi, mo), me, _budget(b), _num(v)] for (mo, me, b), v in
+            sorted(averages.items(), key=lambda kv: (_model_key(kv[0][0]), _method_key(kv[0][1]), _budget_key(kv[0][2])))]
+    return lines + _table([*_m(multi), "method", "budget", "average"], body)
+
+
+def _paired_section(groups: ModelGroups, reference: str, multi: bool) -> list[str]:
+    lines = ["", f"## Paired differences over seeds (reference: {reference})", "",
+             ("Mean of A - B over the seeds both have; p from a two-sided paired t-test "
+              "(n/a when n < 2 or the differences are constant). "
+              "Runs without a budget are paired with every budget."
+              + (" Runs are paired within one model only." if multi else "")), ""]
+    body = []
+    for model in sorted({k[1] for k in groups}, key=_model_key):
+        body += [[p["task"], *_m(multi, model), _budget(p["budget"]), f"{p['a']} - {p['b']}", p["n"],
+                  _num(p["mean_diff"], "+.4f"), _num(p["p"], ".3g")]
+                 for p in paired_differences(of_model(groups, model), reference)]
+    if not body:
+        return lines + [f"No two methods share a task, {'model, ' if multi else ''}budget and seed."]
+    body.sort(key=lambda row: row[0])  # by task, then model (stable)
+    return lines + _table(["task", *_m(multi), "budget", "A - B", "n pairs", "mean diff", "p"], body)
+
+
 def render_summary(rows: Sequence[dict[str, Any]], column: str, reference: str,
                    plots: Mapping[str, Path | None], choices: Mapping[Key, LrChoice] | None = None,
                    group_plots: Sequence[tuple[str, Path]] = (),
@@ -468,9 +599,12 @@ def render_summary(rows: Sequence[dict[str, Any]], column: str, reference: str,
 
     ``rows`` are all runs; only those with ``selected`` are summarised. ``choices`` (from
     ``select_lr``) gives the learning-rate table when some group had several; ``plots`` maps a task
-    to its metric-vs-budget plot, ``group_plots`` are (caption, path) of the per-group plots.
+    to its metric-vs-budget plot, ``group_plots`` are (caption, path) of the per-group plots. With runs
+    of several models every table has a model column, and groups whose runs differ in their config
+    (``mixed_configs``) are listed.
     """
     all_rows, rows = rows, [r for r in rows if r.get("selected", True)]
+    multi = several_models(all_rows)
     groups = group_values(rows, column)
     metric_of: dict[str, set[str]] = defaultdict(set)
     for r in all_rows:
@@ -481,48 +615,23 @@ def render_summary(rows: Sequence[dict[str, Any]], column: str, reference: str,
 
     runs = (f"{len(all_rows)} runs, {len(rows)} of them at the learning rate chosen on the validation split; "
             "every table and plot below uses only those." if several else f"{len(rows)} runs.")
+    if multi:
+        models = sorted({r["model"] for r in all_rows}, key=_model_key)
+        runs += (f" They are of {len(models)} models ({', '.join(map(_model, models))}): runs of different "
+                 "models are never averaged or paired together.")
     lines = ["# adarank results", "",
              f"{runs} Column `{column}`: {METRIC_DOC[column]}. Std is the sample std over seeds (n/a for one seed)."]
+    mixed = mixed_configs(all_rows)
+    if mixed:
+        lines += _mixed_section(mixed, multi)
     if several:
-        lines += _lr_section(choices, column, metric)
+        lines += _lr_section(choices, column, metric, multi)
     if diverged:
         lines += _diverged_section(diverged)
-
-    lines += ["", "## Mean ± std per task, method and budget", ""]
-    body = []
-    for (task, method, budget), by_seed in sorted(groups.items(), key=lambda kv: _group_key(kv[0])):
-        mean, std = mean_std(by_seed.values())
-        body.append([task, metric[task], method, _budget(budget), len(by_seed), _lr(lr_of[(task, method, budget)]),
-                     f"{_num(mean)} ± {_num(std)}"])
-    lines += _table(["task", "metric", "method", "budget", "n", "lr", "mean ± std"], body)
-
-    lines += ["", "## Average over tasks", ""]
-    common, averages = task_average(groups)
-    all_tasks = sorted({t for t, _, _ in groups})
-    if not averages:
-        lines.append("No task is shared by every (method, budget); no average.")
-    else:
-        left_out = sorted(set(all_tasks) - set(common))
-        lines.append(f"Mean of per-task means over {len(common)} task(s) that every (method, budget) has: "
-                     f"{', '.join(common)}." + (f" Left out: {', '.join(left_out)}." if left_out else ""))
-        lines.append("")
-        body = [[m, _budget(b), _num(v)] for (m, b), v in
-                sorted(averages.items(), key=lambda kv: (_method_key(kv[0][0]), _budget_key(kv[0][1])))]
-        lines += _table(["method", "budget", "average"], body)
-
-    lines += ["", f"## Paired differences over seeds (reference: {reference})", "",
-              ("Mean of A - B over the seeds both have; p from a two-sided paired t-test "
-               "(n/a when n < 2 or the differences are constant). "
-               "Runs without a budget are paired with every budget."), ""]
-    pairs = paired_differences(groups, reference)
-    if pairs:
-        body = [[p["task"], _budget(p["budget"]), f"{p['a']} - {p['b']}", p["n"],
-                 _num(p["mean_diff"], "+.4f"), _num(p["p"], ".3g")] for p in pairs]
-        lines += _table(["task", "budget", "A - B", "n pairs", "mean diff", "p"], body)
-    else:
-        lines.append("No two methods share a task, budget and seed.")
-
-    lines += _rank_section(rows)
+    lines += _means_section(groups, metric, lr_of, multi)
+    lines += _average_section(groups, multi)
+    lines += _paired_section(groups, reference, multi)
+    lines += _rank_section(rows, multi)
 
     shown = [(t, p) for t, p in plots.items() if p is not None] + list(group_plots)
     if shown:
@@ -537,34 +646,52 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def _group_name(key: Key) -> str:
-    task, method, budget = key
-    return f"{_safe(task)}_{_safe(method)}_r{'none' if budget is None else budget}"
+def _group_name(key: Key, multi: bool = False) -> str:
+    task, model, method, budget = key
+    model_part = f"{_safe(_model(model))}_" if multi else ""
+    return f"{_safe(task)}_{model_part}{_safe(method)}_r{'none' if budget is None else budget}"
 
 
-def write_group_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[tuple[str, Path]]:
-    """Per (task, method, budget) of ``rows``: the mean-rank heatmap and the budget schedule.
+def _title(key: Key, multi: bool) -> str:
+    task, model, method, budget = key
+    return f"{task}{f' {_model(model)}' if multi else ''} {method} r={_budget(budget)}"
+
+
+def _caption(kind: str, key: Key, multi: bool) -> str:
+    task, model, method, budget = key
+    return f"{kind} {task}{f' {_model(model)}' if multi else ''} {method} {_budget(budget)}"
+
+
+def write_group_plots(rows: Sequence[dict[str, Any]], out: Path, multi: bool | None = None) -> list[tuple[str, Path]]:
+    """Per (task, model, method, budget) of ``rows``: the mean-rank heatmap and the budget schedule. ``multi``
+    (by default: whether ``rows`` are of several models) puts the model in the file names and titles.
 
     Returns (caption, path) of each plot written.
     """
+    multi = several_models(rows) if multi is None else multi
     written = []
     for key, (n, ranks) in sorted(mean_ranks(rows).items(), key=lambda kv: _group_key(kv[0])):
-        task, method, budget = key
-        title = f"{task} {method} r={_budget(budget)}: mean final rank over {n} seed(s)"
-        path = rank_heatmap(ranks, out / f"rank_heatmap_{_group_name(key)}.png", title=title)
+        path = rank_heatmap(ranks, out / f"rank_heatmap_{_group_name(key, multi)}.png",
+                            title=f"{_title(key, multi)}: mean final rank over {n} seed(s)")
         if path is not None:
-            written.append((f"rank {task} {method} {_budget(budget)}", path))
+            written.append((_caption("rank", key, multi), path))
     curves: dict[Key, dict[str, list]] = defaultdict(dict)
     for r in rows:
         if r["budget_curve"]:
             curves[_key(r)][f"seed {r['seed']}"] = r["budget_curve"]
     for key in sorted(curves, key=_group_key):
-        task, method, budget = key
-        path = budget_curves(curves[key], out / f"budget_curve_{_group_name(key)}.png",
-                             title=f"{task} {method} r={_budget(budget)}")
+        path = budget_curves(curves[key], out / f"budget_curve_{_group_name(key, multi)}.png", title=_title(key, multi))
         if path is not None:
-            written.append((f"budget {task} {method} {_budget(budget)}", path))
+            written.append((_caption("budget", key, multi), path))
     return written
+
+
+def write_metric_plots(rows: Sequence[dict[str, Any]], out: Path, column: str, multi: bool) -> dict[str, Path | None]:
+    """Per task, ``metric_vs_budget_<task>.png``; with several models each line is a "method (model)"."""
+    if multi:
+        rows = [{**r, "method": f"{r['method']} ({_model(r['model'])})"} for r in rows]
+    return {task: metric_vs_budget(rows, out / f"metric_vs_budget_{_safe(task)}.png", task, column)
+            for task in sorted({r["task"] for r in rows})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -591,20 +718,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    multi = several_models(rows)
+    for line in mixed_config_lines(mixed_configs(rows), multi):
+        warn(f"warning: {line}")
     choices = select_lr(rows)
     mark_selected(rows, choices)
-    for (task, method, budget), c in sorted(choices.items(), key=lambda kv: _group_key(kv[0])):
+    for key, c in sorted(choices.items(), key=lambda kv: _group_key(kv[0])):
         if not c.found:
-            warn(f"warning: task={task} method={method} budget={_budget(budget)} ran at learning rates "
+            warn(f"warning: {_group(key, multi)} ran at learning rates "
                  f"{', '.join(_lr(lr) for lr in c.runs)} but no run has a validation metric to choose by: left out")
     selected = [r for r in rows if r["selected"]]
 
     first = Path(args.dirs[0])
     out = Path(args.out) if args.out else (first.parent if first.is_file() else first)
     write_csv(out / "runs.csv", rows)
-    plots = {task: metric_vs_budget(selected, out / f"metric_vs_budget_{_safe(task)}.png", task, args.metric)
-             for task in sorted({r["task"] for r in selected})}
-    group_plots = write_group_plots(selected, out)
+    plots = write_metric_plots(selected, out, args.metric, multi)
+    group_plots = write_group_plots(selected, out, multi)
     diverged = find_diverged(args.dirs)
     if diverged:
         warn(f"warning: {len(diverged)} diverged run(s) (diverged.json) are left out of the tables; summary.md lists them")

@@ -6,6 +6,10 @@ its adapters applied (``alpha``, after ``method.alpha_ratio``; null for full fin
 written before those fields, and the configs rebuilt for diverged runs, have only the config: for them
 `applied_lr` and `applied_alpha` / `applied_alpha_ratio` derive the values from it (`_config_scaling` holds
 the α rule), here and nowhere else.
+
+A run's model is results.json's ``model`` (``config.model.name`` in older files; see `record_model`). Runs
+that the report puts in one group should differ only in what `NOT_COMPUTATION` lists: `config_differences`
+names the other config fields they differ in.
 """
 
 from __future__ import annotations
@@ -19,6 +23,17 @@ from typing import Any
 from adarank.studies.errors import StudyError
 
 FULL = "full"  # full fine-tuning: no adapters, no α
+
+#: ``config`` fields (``section.field``, or a top-level field) that do not change what a run computes: the seed
+#: and the learning rate (the report groups over those), where outputs, caches and logs go, progress and
+#: W&B settings, the device, and how the same computation is executed (fused layers, torch.compile, CUDA
+#: graphs, the evaluation batch size: equal up to rounding). Every other field does.
+NOT_COMPUTATION = frozenset({
+    "seed", "train.lr", "method.lr", "experiment_name", "resume", "overwrite", "data.cache_dir",
+    "train.device", "train.log_every", "train.progress", "train.checkpoint_every", "train.check_masks",
+    "train.eval_batch_size", "train.compile", "train.cuda_graph", "train.cuda_graph_shapes", "method.fused",
+})
+NOT_COMPUTATION_SECTIONS = frozenset({"wandb"})
 
 # ---------------------------------------------------------------- finding runs
 
@@ -139,3 +154,37 @@ def applied_alpha_ratio(record: Mapping[str, Any]) -> float | None:
         alpha, rank = finite(record["alpha"]), finite(get_nested(record, "config", "method", "r"))
         return alpha / rank if alpha is not None and rank else None
     return _config_scaling(record)[1]
+
+
+def record_model(record: Mapping[str, Any]) -> str | None:
+    """The run's model label: the record's ``model``, else ``config.model.name``; None when neither is there."""
+    model = record.get("model")
+    if model is None:
+        model = get_nested(record, "config", "model", "name")
+    return None if model is None else str(model)
+
+
+def computation_config(record: Mapping[str, Any]) -> dict[str, str]:
+    """The record's config fields that change what the run computes (all but `NOT_COMPUTATION`), as
+    ``section.field`` (or a top-level field) -> its value in compact JSON (a dict or list is one value)."""
+    config = record.get("config")
+    out: dict[str, Any] = {}
+    for section, value in (config.items() if isinstance(config, dict) else ()):
+        if section in NOT_COMPUTATION_SECTIONS:
+            continue
+        fields = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, v in fields:
+            key = section if name is None else f"{section}.{name}"
+            if key not in NOT_COMPUTATION:
+                out[key] = json.dumps(v, sort_keys=True, separators=(",", ":"), default=str)
+    return out
+
+
+def config_differences(configs: Sequence[Mapping[str, str]]) -> dict[str, list[str]]:
+    """Per field the `computation_config`s disagree on: its distinct values, in order of appearance. A field
+    only some of them have (written before the field existed) is compared among those that have it."""
+    values: dict[str, dict[str, None]] = {}
+    for config in configs:
+        for key, v in config.items():
+            values.setdefault(key, {})[v] = None
+    return {key: list(v) for key, v in values.items() if len(v) > 1}

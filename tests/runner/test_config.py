@@ -60,6 +60,26 @@ BAD_FIELDS = [
     (C.TrainConfig, {"cuda_graph": True, "precision": "fp16"}, "train.cuda_graph"),
     (C.TrainConfig, {"cuda_graph_shapes": 0}, "train.cuda_graph_shapes"),
     (C.WandbConfig, {"mode": "maybe"}, "wandb.mode"),
+    # found by tests/runner/test_fuzz.py
+    (C.Config, {"seed": -1}, "seed"),
+    (C.Config, {"seed": 2**32}, "seed"),
+    (C.Config, {"experiment_name": ""}, "experiment_name"),
+    (C.Config, {"model": C.ModelConfig(targets=[])}, "model.targets"),
+    (C.ModelConfig, {"name": ""}, "model.name"),
+    (C.ModelConfig, {"tokenizer": ""}, "model.tokenizer"),
+    (C.DataConfig, {"dir": ""}, "data.dir"),
+    (C.DataConfig, {"cache_dir": ""}, "data.cache_dir"),
+    (C.DataConfig, {"val_fraction": float("nan")}, "data.val_fraction"),
+    (C.MethodConfig, {"target_params": 0}, "method.target_params"),
+    (C.MethodConfig, {"target_total_rank": -1}, "method.target_total_rank"),
+    (C.MethodConfig, {"name": "lora", "target_params": 1000}, "method.target_params"),
+    (C.MethodConfig, {"name": "full", "target_total_rank": 10}, "method.target_total_rank"),
+    (C.MethodConfig, {"init_ratio": float("inf")}, "method.init_ratio"),
+    (C.MethodConfig, {"orth_weight": float("inf")}, "method.orth_weight"),
+    (C.MethodConfig, {"target_regex": ""}, "method.target_regex"),
+    (C.TrainConfig, {"lr": float("inf")}, "train.lr"),
+    (C.TrainConfig, {"max_grad_norm": float("nan")}, "train.max_grad_norm"),
+    (C.WandbConfig, {"project": ""}, "wandb.project"),
 ]
 
 
@@ -75,6 +95,11 @@ def test_defaults_are_valid_and_relaxed_where_they_should_be():
     C.MethodConfig(name="full", r=0)  # full fine-tuning has no rank
     C.MethodConfig(r=16, init_rank=4, target_total_rank=10)  # an explicit budget replaces method.r
     C.TrainConfig(device="cuda:1")
+    C.Config(seed=2**32 - 1)
+    C.MethodConfig(name="peft_adalora", target_params=1000)  # both adaptive methods take an explicit budget
+    C.MethodConfig(name="lora", init_rank=8, init_ratio=2.0)  # ignored, so a sweep over methods may set them
+    C.Config(model=C.ModelConfig(targets=[]), method=C.MethodConfig(targets=["query"]))  # method.targets wins
+    C.Config(model=C.ModelConfig(targets=[]), method=C.MethodConfig(target_regex=".*query"))
 
 
 def test_every_field_has_a_docstring():

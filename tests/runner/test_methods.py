@@ -179,3 +179,36 @@ def test_peft_methods_need_a_known_head():
 
     with pytest.raises(ValueError, match="method.name: the PEFT methods need"):
         apply_method(Bare(), MethodConfig(name="peft_lora", r=2), ModelConfig(name="x", name_or_path="random", targets=["query"], train_modules=[]))
+
+
+def test_the_saved_adapter_names_its_base_model_and_task_so_peft_loads_it_alone(tmp_path):
+    """adapter/adapter_config.json carries base_model_name_or_path and task_type: AutoPeftModel needs no more."""
+    import json
+
+    from peft import AutoPeftModelForSequenceClassification
+
+    base_dir = tmp_path / "base"
+    tiny_bert().save_pretrained(base_dir)
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(base_dir).eval()
+    model_cfg = ModelConfig(name="x", name_or_path=str(base_dir), targets=["query", "value"], train_modules=["classifier"])
+    a = apply_method(model, MethodConfig(name="lora", r=2, alpha=4.0), model_cfg)
+    with torch.no_grad():
+        for _, layer in adarank.adapters(a.model):
+            layer.lora_B.normal_()
+    a.save(str(tmp_path / "run"))
+    cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base_dir) and cfg["task_type"] == "SEQ_CLS"
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "run" / "adapter")).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, a.model(**batch).logits, atol=1e-5)
+
+
+def test_a_random_model_has_no_base_to_name(tmp_path):
+    import json
+
+    apply_method(tiny_bert(), MethodConfig(name="lora", r=2), MODEL).save(str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] is None and cfg["task_type"] == "SEQ_CLS"

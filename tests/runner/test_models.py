@@ -87,3 +87,44 @@ def test_config_overrides_apply_to_pretrained_minilm():
     model = load_model("minilm", 2, "float32", config_overrides={"attention_probs_dropout_prob": 0.0})
     assert model.config.attention_probs_dropout_prob == 0.0
     assert model.config.hidden_dropout_prob == 0.1  # the rest as shipped
+
+
+@pytest.mark.parametrize("path", ["./no/such/tokenizer", "/nonexistent/tokenizer"])
+def test_a_missing_tokenizer_path_names_model_tokenizer(path):
+    with pytest.raises(FileNotFoundError, match=f"^model.tokenizer: {path} is not a directory$"):
+        models.tokenizer_source("random", path)
+    assert models.tokenizer_source("random", None) == "minilm"  # unset: the random model borrows MiniLM's
+    assert models.tokenizer_source("org/model", "org/tok") == "org/tok"  # a hub id is left to the hub
+
+
+def test_a_tokenizer_that_cannot_load_names_the_field_it_came_from(tmp_path):
+    with pytest.raises(OSError, match=rf"^model.tokenizer: cannot load a tokenizer from '{tmp_path}'"):
+        load_tokenizer("random", str(tmp_path))  # an empty folder
+    with pytest.raises(OSError, match=rf"^model.name_or_path: cannot load a tokenizer from '{tmp_path}'"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_a_model_config_that_cannot_be_read_names_the_field(tmp_path, monkeypatch):
+    with pytest.raises(OSError, match=rf"^model.name_or_path: cannot read a model config from '{tmp_path}': "):
+        models.model_config(str(tmp_path), 2)  # a folder without config.json
+    import transformers
+
+    def offline(name, *args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your internet connection.")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(OSError) as e:
+        models.model_config("org/model", None)  # a causal LM from the hub
+    assert str(e.value) == ("model.name_or_path: cannot read a model config from 'org/model': "
+                            "We couldn't connect to 'https://huggingface.co'.")
+
+
+def test_the_load_report_reaches_log_files_without_colour_codes(tmp_path):
+    """MiniLM's head is new, so transformers reports it; with the output in a file, no escape codes."""
+    import subprocess
+
+    code = "from adarank.runner.models import load_model; load_model('minilm', 3)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOAD REPORT" in out.stderr and "\x1b[" not in out.stderr

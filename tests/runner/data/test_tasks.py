@@ -55,3 +55,15 @@ def test_spec_validation():
     with pytest.raises(ValueError, match="num_labels"):
         TaskSpec(name="t", source="glue", text_fields=("s",), num_labels=3, label_names=("a", "b"),
                  metrics=("accuracy",), main_metric="accuracy", dev_splits=("validation",))
+
+
+def test_every_glue_header_layout_names_its_text_and_label_columns():
+    from adarank.runner.data.tasks import TsvLayout
+
+    for name in GLUE:
+        layout = get_task(name).tsv
+        assert bool(layout.header_names) == layout.header, name  # CoLA alone has no header
+    assert get_task("mnli").tsv.min_columns == 11  # text in columns 8 and 9, the label after them
+    assert get_task("mrpc").tsv.min_columns == 5
+    with pytest.raises(ValueError, match="header_names: one name per text column"):
+        TsvLayout(("t.tsv",), text_columns=(0,), label_column=1, label_format="int", header_names=("sentence",))
