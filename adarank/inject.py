@@ -93,7 +93,7 @@ def inject(
     if cls is None:
         raise ValueError(f"method.kind: unknown adapter kind {kind!r}; choose lora or svd")
     names = find_targets(model, targets, regex)
-    _check_not_trained_in_full(model, names, targets, train_modules)
+    check_not_trained_in_full(model, names, targets, train_modules)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -104,7 +104,7 @@ def inject(
     return param_report(model)
 
 
-def _check_not_trained_in_full(
+def check_not_trained_in_full(
     model: nn.Module, names: Sequence[str], targets: Sequence[str] | None, train_modules: Sequence[str]
 ) -> None:
     """Refuse adapting a module that `train_modules` also trains in full (it, or a module it is in): the

@@ -173,10 +173,10 @@ def _check_creatable(path: str, key: str) -> None:
 
 def preflight(cfg: Config) -> int:
     """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
-    from ..inject import unfreeze
+    from ..inject import check_not_trained_in_full, unfreeze
     from ..schedule import make_schedule
     from .data import get_task
-    from .methods import METHODS, method_budget, target_names
+    from .methods import METHODS, method_budget, method_targets, target_names
     from .models import meta_model, resolve_path, tokenizer_source
     from .peft_baselines import peft_task_type
     from .train import check_cuda_graph, pick_device, total_steps
@@ -207,6 +207,8 @@ def preflight(cfg: Config) -> int:
     if spec.peft:
         peft_task_type(model)  # PEFT's model class needs a known head
     names = target_names(model, m, mc)
+    if spec.adapters:
+        check_not_trained_in_full(model, names, method_targets(m, mc), mc.train_modules)
     unfreeze(model, mc.train_modules)
     if spec.adaptive:
         method_budget(model, m, names)

@@ -20,7 +20,7 @@ from ..allocation import Allocator
 from ..allocator import RankAllocator
 from ..atomic import atomic_write_bytes
 from ..export import export_peft
-from ..inject import ParamReport, find_targets, inject, param_report, svd_adapters
+from ..inject import ParamReport, check_not_trained_in_full, find_targets, inject, param_report, svd_adapters
 from ..layers import base_dims
 from ..orth import OrthGrad
 from ..schedule import Budget, Schedule, make_schedule, resolve_budget
@@ -59,6 +59,7 @@ class MethodSpec:
     build: Callable[[nn.Module, "MethodConfig", "ModelConfig"], Adapted]
     adaptive: bool = False  # has an allocator; method.r is then the final average rank
     fusable: bool = False  # method.fused applies (our adapter layers)
+    adapters: bool = True  # adds adapters to the targets (full fine-tuning trains the targets themselves)
     peft: bool = False  # built by PEFT: needs the peft package and a known model head
 
 
@@ -198,6 +199,7 @@ def build_peft_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "Mo
     """PEFT's own LoRA, in our loop."""
     m = method_cfg
     names = target_names(model, m, model_cfg)
+    check_not_trained_in_full(model, names, method_targets(m, model_cfg), model_cfg.train_modules)
     peft_model, report = peft_baselines.peft_lora(model, names, m.r, m.alpha, m.dropout, m.rslora, list(model_cfg.train_modules))
     return Adapted(peft_model, report, m.name, targets=names, save=peft_baselines.save_adapter(peft_model), final_rank=m.r)
 
@@ -207,6 +209,7 @@ def build_peft_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: 
     the Allocator contract."""
     m = method_cfg
     names = target_names(model, m, model_cfg)
+    check_not_trained_in_full(model, names, method_targets(m, model_cfg), model_cfg.train_modules)
     budget = method_budget(model, m, names)
     target_rank = budget.target_total // len(names)
     peft_model, report = peft_baselines.peft_adalora(
@@ -221,7 +224,7 @@ def build_peft_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: 
 #: Every method the runner knows; `method.name` picks one. A new method is one entry here and one YAML file
 #: in conf/method/ (README: "Adding an allocation method").
 METHODS: dict[str, MethodSpec] = {
-    "full": MethodSpec(build_full),
+    "full": MethodSpec(build_full, adapters=False),
     "lora": MethodSpec(build_lora, fusable=True),
     "rslora": MethodSpec(build_rslora, fusable=True),
     "adalora": MethodSpec(build_adalora, adaptive=True, fusable=True),

@@ -62,9 +62,16 @@ def resolve_path(name_or_path: str, field: str = "model.name_or_path") -> str:
     """
     if name_or_path == "minilm":
         return _minilm_dir(field)
-    if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+    path = os.path.expanduser(name_or_path)
+    if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(path):
         raise FileNotFoundError(f"{field}: {name_or_path} is not a directory")
-    return os.path.expanduser(name_or_path)
+    head = name_or_path.split("/", 1)[0]
+    if "/" in name_or_path and not os.path.isdir(path) and os.path.isdir(head):
+        # "models/mine" where ./models exists: a mistyped local folder, not a hub id (trying the hub would
+        # spend half a minute on retries and then name no field)
+        raise FileNotFoundError(f"{field}: {name_or_path} is not a directory (./{head} is, so this is read as a "
+                                f"local path, not a hub id)")
+    return path
 
 
 def tokenizer_source(name_or_path: str, tokenizer: str | None = None) -> str:

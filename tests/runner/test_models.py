@@ -128,3 +128,11 @@ def test_the_load_report_reaches_log_files_without_colour_codes(tmp_path):
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "LOAD REPORT" in out.stderr and "\x1b[" not in out.stderr
+
+
+def test_a_mistyped_relative_folder_is_not_tried_on_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model.name_or_path: models/mine is not a directory \(./models is"):
+        resolve_path("models/mine")
+    assert resolve_path("org/name") == "org/name"  # no ./org here: a hub id

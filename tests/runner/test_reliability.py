@@ -259,3 +259,22 @@ def test_overwrite_removes_the_old_runs_checkpoints(tmp_path, monkeypatch, capsy
     code, err = _cli(capsys, tmp_path, "train.max_steps=4", "overwrite=true", f"hydra.run.dir={out}")
     assert code is None, err
     assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == []
+
+
+# ---- 5. a module adapted and trained in full ------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "adalora", "peft_lora", "peft_adalora"])
+def test_adapting_a_fully_trained_module_is_one_line_before_the_model_loads(tmp_path, capsys, no_model, method):
+    code, err = _cli(capsys, tmp_path, f"method={method}", "method.targets=[classifier]", f"hydra.run.dir={tmp_path / 'o'}")
+    assert code == cli.EXIT_USAGE and len(err.splitlines()) == 1, err
+    assert "method.targets: classifier is also trained in full by model.train_modules (classifier)" in err
+
+
+def test_the_peft_baselines_refuse_the_overlap_too():
+    from adarank.runner.config import MethodConfig, ModelConfig
+    from adarank.runner.methods import apply_method
+    from conftest import tiny_bert
+
+    model_cfg = ModelConfig(name="x", name_or_path="random", targets=["query"], train_modules=["classifier"])
+    for name in ("peft_lora", "peft_adalora"):
+        with pytest.raises(ValueError, match="also trained in full"):
+            apply_method(tiny_bert(), MethodConfig(name=name, r=2, targets=["classifier"]), model_cfg)
