@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast
+from .quant import is_quantized
 
 try:  # transformers is a hard dependency, but keep the layers importable without it
     from transformers.pytorch_utils import Conv1D
@@ -98,6 +99,9 @@ class _Adapter(nn.Module):
 
     def _add_delta(self, sign: float) -> None:
         w = self.base.weight
+        if is_quantized(w):
+            raise ValueError("merge: the base weight is NF4 (model.quantization=nf4) and adding ΔW would round it "
+                             "to 4 bits; export the adapter (export_peft) and merge it into a dense copy of the base")
         delta = self.delta_weight().to(torch.float32)
         if self.transposed:
             delta = delta.T

@@ -24,7 +24,8 @@ The contract. The fast path reads, and never writes, these attributes of a layer
 the fast path reads.
 
 When it serves (else `forward` returns None and the layer computes as if `fused` were off): the layer is
-`fused` and not merged; its base is frozen (the fused function gives the base no gradient); torch.compile is
+`fused` and not merged; its base is frozen (the fused function gives the base no gradient) and dense (an NF4
+base, adarank/quant.py, is read through torchao's own linear); torch.compile is
 not tracing (the compiler fuses the plain path itself); and the input has the adapter's dtype or autocast is
 on (the plain path computes the adapter in its own dtype). A layer is computed with its siblings' group
 when they read the same tensor and no dropout is at work (dropout is `nn.Identity`, or the layer is in eval

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..quant import is_quantized
 from .fused import Adapter, adapted_linear
 
 __all__ = ["adapter_of", "forward", "groupable"]
@@ -55,9 +56,10 @@ def _fusable(layer: nn.Module, x: torch.Tensor) -> bool:
     (the unfused path computes the adapter in its own dtype, e.g. fp32 next to a bf16 base).
     Under torch.compile the unfused path serves: the compiler fuses it itself, and dynamo cannot trace
     the fused function (it takes one tensor twice and writes into strided `out=` views), which
-    would break the graph at every layer."""
-    b = layer.base.bias
-    if layer.base.weight.requires_grad or (b is not None and b.requires_grad) or torch.compiler.is_compiling():
+    would break the graph at every layer. An NF4 base (adarank/quant.py) takes the unfused path: the fused
+    GEMMs read the dense weight, and a dequantised copy would be held for backward, which is what NF4 saves."""
+    b, w = layer.base.bias, layer.base.weight
+    if w.requires_grad or (b is not None and b.requires_grad) or torch.compiler.is_compiling() or is_quantized(w):
         return False
     return x.dtype == _factor_dtype(layer) or torch.is_autocast_enabled(x.device.type)
 

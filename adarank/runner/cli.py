@@ -182,6 +182,10 @@ def preflight(cfg: Config) -> int:
     from .train import check_cuda_graph, pick_device, total_steps
 
     get_task(cfg.task.name)
+    if cfg.model.quantization != "none":
+        from ..quant import check_available
+
+        check_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each rank sees 1/world of the data
     device = pick_device(cfg.train.device)
     check_cuda_graph(cfg.train.cuda_graph, device, world)

@@ -62,9 +62,18 @@ class ModelConfig:
     """Tokenizer path or id when it differs from name_or_path (`minilm` allowed); null uses the model's."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """Fields of the pretrained model's config set before its weights load, e.g. {hidden_dropout_prob: 0.0}."""
+    quantization: str = "none"
+    """none, or nf4: every frozen linear layer's weight stored in 4-bit NF4 (QLoRA-style, torchao: `pip install
+    'adarank[quant]'`), quantised from model.dtype on the training device; adapters stay in method.adapter_dtype.
+    The train_modules and the output embedding stay dense. Merging is refused, method.fused steps aside for
+    the NF4 layers (adarank/quant.py says why)."""
 
     def __post_init__(self) -> None:
+        from ..quant import QUANTIZATIONS
+
         _check(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.quantization in QUANTIZATIONS, "model.quantization",
+               f"must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         _check(bool(self.name_or_path), "model.name_or_path", "must not be empty")
         _check_not_empty(self, "model", ("name", "tokenizer"))
         _check_finite(self, "model")
@@ -330,7 +339,13 @@ class Config:
     """Allow starting over in an output dir that already holds a run."""
 
     def __post_init__(self) -> None:
+        from .methods import METHODS
+
         _check(0 <= self.seed < SEED_LIMIT, "seed", f"must be in [0, 2**32), got {self.seed}")
+        spec = METHODS[self.method.name]
+        _check(self.model.quantization == "none" or (spec.adapters and not spec.peft), "model.quantization",
+               f"{self.model.quantization} freezes the base in 4 bits: only for adarank's adapter methods "
+               f"({', '.join(n for n, s in METHODS.items() if s.adapters and not s.peft)}), not {self.method.name}")
         _check(self.experiment_name != "", "experiment_name", "must not be empty")
         _check(
             bool(self.model.targets) or self.method.targets is not None or bool(self.method.target_regex),

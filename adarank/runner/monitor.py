@@ -9,6 +9,7 @@ from torch import nn
 
 from ..inject import adapters
 from ..layers import LoraLinear, SVDLinear
+from ..quant import dense
 
 __all__ = ["adapter_norms", "base_norms", "NormWatch"]
 
@@ -41,7 +42,7 @@ def adapter_norms(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def base_norms(model: nn.Module) -> dict[str, float]:
     """‖W‖_F of the frozen weight under every adapter (read once: it never changes)."""
-    return {name: float(m.base.weight.float().norm()) for name, m in adapters(model)}
+    return {name: float(dense(m.base.weight).float().norm()) for name, m in adapters(model)}
 
 
 class NormWatch:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..quant import quantize_nf4_
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from .config import Config, TrainConfig
@@ -269,6 +270,7 @@ def prepare_model(cfg: Config, data: RunData, env: Env, total: int, saved: dict 
     else:
         model = load_model(mc.name_or_path, data.task.num_labels, mc.dtype, mc.random_config, len(tokenizer),
                            tokenizer.pad_token_id, mc.config_overrides)
+    quantize_base(model, cfg, env)
     adapted: Adapted = apply_method(model, cfg.method, mc)
     model = adapted.model.to(env.device)
     allocator = build_allocator(adapted, cfg.method, total)
@@ -277,6 +279,16 @@ def prepare_model(cfg: Config, data: RunData, env: Env, total: int, saved: dict 
     if saved is not None:
         ckpt.load_trainable_state(model, saved["model"])
     return model, adapted, allocator
+
+
+def quantize_base(model: nn.Module, cfg: Config, env: Env) -> None:
+    """model.quantization=nf4: the base's linear layers to NF4 on the training device, before adapters wrap them."""
+    if cfg.model.quantization == "none":
+        return
+    env.log(quantize_nf4_(model, cfg.model.train_modules, env.device).summary())
+    if cfg.method.fused:
+        env.log("method.fused: the NF4 layers take the unfused path (the fused GEMMs read a dense weight, and a "
+                "dequantised copy would be held for backward); the dense ones stay fused")
 
 
 def make_optimizer(cfg: Config, model: nn.Module, adapted: Adapted, allocator, env: Env, total: int,
