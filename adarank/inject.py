@@ -82,12 +82,14 @@ def inject(
     train_modules: Sequence[str] = (),
     dtype: torch.dtype = torch.float32,
     fused: bool = False,
+    ranks: dict[str, int] | None = None,
 ) -> "ParamReport":
     """Wrap the target layers with `kind` ("lora" or "svd") adapters in place and freeze the rest.
 
     `train_modules` are suffixes of modules trained in full (e.g. the classifier head). `fused` computes
     each adapted layer in one autograd function (adarank/fast/fused.py), and adapters that turn out to read
-    one input together (adarank/fast/siblings.py). Returns the trainable-parameter report.
+    one input together (adarank/fast/siblings.py). `ranks` gives a rank per module name (a rank pattern,
+    adarank/rank_pattern.py) instead of `r`; a module at rank 0 stays unadapted. Returns the trainable-parameter report.
     """
     cls = {"lora": LoraLinear, "svd": SVDLinear}.get(kind)
     if cls is None:
@@ -97,8 +99,11 @@ def inject(
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
+        rank = r if ranks is None else ranks.get(name, 0)
+        if rank == 0:
+            continue
         base = model.get_submodule(name)
-        _set_submodule(model, name, cls(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dtype=dtype, fused=fused))
+        _set_submodule(model, name, cls(base, r=rank, alpha=alpha, dropout=dropout, rslora=rslora, dtype=dtype, fused=fused))
     link_siblings(model, adapters(model))
     unfreeze(model, train_modules)
     return param_report(model)

@@ -180,6 +180,17 @@ class MethodConfig:
     """adalora: mean_norm (PEFT/official code) or sum_sq (paper formula)."""
     shrink: bool = True
     """adalora: physically remove pruned triplets once the final budget is reached."""
+    rank_pattern: Optional[str] = None
+    """lora/rslora: per-module ranks instead of method.r, from a finished run's folder or results.json
+    (final_ranks) or an exported adapter/ (rank_pattern); rank 0 leaves a module unadapted. Scale per
+    module: α/r_i (α/√r_i with rslora). null: method.r everywhere."""
+    rank_pattern_transform: Optional[str] = None
+    """lora/rslora with rank_pattern: a control, shuffle (seeded by rank_pattern_seed), uniform (same total
+    rank spread evenly) or reverse_layers; null uses the pattern as it is."""
+    rank_pattern_seed: int = 0
+    """Seed of the shuffle transform."""
+    rank_pattern_within: Optional[str] = None
+    """shuffle only within a matrix type (type) or within a layer (layer); null shuffles over all modules."""
 
     def __post_init__(self) -> None:
         from ..importance import SCORES
@@ -220,8 +231,22 @@ class MethodConfig:
         _check(self.score in SCORES, "method.score", f"must be one of {SCORES}, got {self.score!r}")
         _check(self.orth_weight >= 0, "method.orth_weight", f"must be >= 0, got {self.orth_weight}")
         _check(self.orth_form in ORTH_FORMS, "method.orth_form", f"must be one of {ORTH_FORMS}")
+        self._check_rank_pattern()
         if self.init_rank is not None and self.target_total_rank is None and self.target_params is None:
             _check(self.r <= self.init_rank, "method.r", f"target rank {self.r} exceeds method.init_rank {self.init_rank}")
+
+    def _check_rank_pattern(self) -> None:
+        from ..rank_pattern import TRANSFORMS
+
+        _check_not_empty(self, "method", ("rank_pattern",))
+        _check(self.rank_pattern is None or self.name in ("lora", "rslora"), "method.rank_pattern",
+               f"only for lora and rslora, not {self.name}")
+        _check(self.rank_pattern_transform is None or self.rank_pattern is not None, "method.rank_pattern_transform",
+               "needs method.rank_pattern")
+        _check(self.rank_pattern_transform in (None, *TRANSFORMS), "method.rank_pattern_transform",
+               f"must be one of {TRANSFORMS} or null, got {self.rank_pattern_transform!r}")
+        _check(self.rank_pattern_within in (None, "type", "layer"), "method.rank_pattern_within",
+               f"must be null, type or layer, got {self.rank_pattern_within!r}")
 
     @property
     def adaptive(self) -> bool:

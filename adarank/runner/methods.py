@@ -23,6 +23,7 @@ from ..export import export_peft
 from ..inject import ParamReport, check_not_trained_in_full, find_targets, inject, param_report, svd_adapters
 from ..layers import base_dims
 from ..orth import OrthGrad
+from ..rank_pattern import load_rank_pattern, resolve_ranks, transform
 from ..schedule import Budget, Schedule, make_schedule, resolve_budget
 from . import peft_baselines
 from .models import DTYPES
@@ -165,9 +166,23 @@ def build_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelCo
     m, targets = method_cfg, method_targets(method_cfg, model_cfg)
     names = target_names(model, m, model_cfg)
     train_modules = list(model_cfg.train_modules)
+    ranks = lora_ranks(m, names)
     rep = inject(model, "lora", m.r, m.alpha, targets, m.target_regex, m.dropout, m.rslora or rslora, train_modules,
-                 DTYPES[m.adapter_dtype], m.fused)
-    return Adapted(model, rep, m.name, targets=names, save=_save_export(model, model_cfg), final_rank=m.r)
+                 DTYPES[m.adapter_dtype], m.fused, ranks)
+    final = m.r if ranks is None else final_average_rank(sum(ranks.values()), len(names))
+    return Adapted(model, rep, m.name, targets=names, save=_save_export(model, model_cfg), final_rank=final)
+
+
+def lora_ranks(method_cfg: "MethodConfig", names: list[str]) -> dict[str, int] | None:
+    """The per-module ranks of method.rank_pattern (after its control transform), None without one."""
+    m = method_cfg
+    if m.rank_pattern is None:
+        return None
+    pattern = resolve_ranks(names, load_rank_pattern(m.rank_pattern))
+    ranks = transform(pattern, m.rank_pattern_transform, m.rank_pattern_seed, m.rank_pattern_within)
+    if not any(ranks.values()):
+        raise ValueError(f"method.rank_pattern: every module is at rank 0 in {m.rank_pattern}")
+    return ranks
 
 
 def build_rslora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
