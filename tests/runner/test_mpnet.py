@@ -168,3 +168,37 @@ def test_model_mpnet_base_trains_adalora_on_all_its_targets(fake_parts, tmp_path
     res = run(cfg, tmp_path / "out")
     assert res["model"] == "mpnet_base" and res["steps"] == 6 and math.isfinite(res["value"])
     assert len(res["final_ranks"]) == 6 * LAYERS and sum(res["final_ranks"].values()) == 6 * LAYERS
+
+
+def test_shipping_parts_join_on_another_machine_and_refuse_a_bad_part(split_zip, tmp_path, monkeypatch):
+    """experiments/glue/ship_mpnet.py: pack in fp16 parts, carry them in two folders, unpack with the checks."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "glue" / "ship_mpnet.py"
+    spec = importlib.util.spec_from_file_location("ship_mpnet", path)
+    ship = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "ship_mpnet", ship)
+    spec.loader.exec_module(ship)
+    monkeypatch.setenv("ADARANK_MPNET", str(split_zip[1]))
+    manifest = ship.pack(tmp_path / "ship", chunk_mb=0.1, dtype="float16")
+    files = [p["file"] for p in manifest["parts"]]
+    assert len(files) >= 2 and manifest["dtype"] == "float16"
+    first, rest = tmp_path / "call1", tmp_path / "call2"  # the parts as two device calls bring them
+    for d, names in ((first, files[:1] + ["manifest.json"]), (rest, files[1:])):
+        d.mkdir()
+        for n in names:
+            (d / n).write_bytes((tmp_path / "ship" / n).read_bytes())
+    with pytest.raises(SystemExit, match=f"--from: {', '.join(files[1:])} in none of"):
+        ship.unpack([first], None, tmp_path / "keep" / "m")
+    (rest / files[-1]).write_bytes((rest / files[-1]).read_bytes()[:-1] + b"?")
+    with pytest.raises(OSError, match=f"--from: .*{files[-1]} .*copy it again"):
+        ship.unpack([first, rest], None, tmp_path / "keep" / "m")
+    assert not (tmp_path / "keep" / "m").exists()
+    (rest / files[-1]).write_bytes((tmp_path / "ship" / files[-1]).read_bytes())
+    out = ship.unpack([first, rest], None, tmp_path / "keep" / "m")
+    assert mpnet.is_complete(out)
+    monkeypatch.setenv("ADARANK_MPNET", str(out))
+    shipped, original = load_model("mpnet_base", 2).state_dict(), load_model(str(split_zip[1]), 2).state_dict()
+    key = "mpnet.encoder.layer.0.intermediate.dense.weight"
+    assert shipped[key].dtype == torch.float32 and torch.equal(shipped[key], original[key].half().float())
