@@ -55,13 +55,17 @@ def _minilm_dir(field: str = "model.name_or_path") -> str:
 
 
 def resolve_path(name_or_path: str, field: str = "model.name_or_path") -> str:
-    """`minilm` → the packaged folder; an existing path stays; anything else is a hub id.
+    """`minilm`, `mpnet_base` → the packaged folder; an existing path stays; anything else is a hub id.
 
     A path (starting with `.`, `/` or `~`) that is not a directory is a FileNotFoundError naming `field`,
     at once: it is never tried as a hub id.
     """
     if name_or_path == "minilm":
         return _minilm_dir(field)
+    if name_or_path == "mpnet_base":
+        from .mpnet import mpnet_dir
+
+        return mpnet_dir(field)
     path = os.path.expanduser(name_or_path)
     if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(path):
         raise FileNotFoundError(f"{field}: {name_or_path} is not a directory")

@@ -101,10 +101,15 @@ def test_adalora_without_shrink_keeps_the_shapes_and_masks(tmp_path, monkeypatch
     assert sum(res["final_ranks"].values()) == R * N_MODULES
 
 
+#: Fast-mode steps where 3 cannot hold the experiment's schedule (the official MRPC and CoLA scripts spend 52%
+#: of T at the final budget: at T=3 it would start at step 1).
+FAST_STEPS = {"glue_paper_cola": 4, "glue_paper_mrpc": 4}
+
+
 def _experiment_overrides(name: str, tmp_path: Path) -> list[str]:
     # The GLUE fixtures hold 1-5 training rows: half of them are carved off as the validation split.
-    return [f"+experiment={name}", f"data.dir={GLUE_FIXTURES}", "data.val_fraction=0.5", "train.max_steps=3",
-            "data.max_train_samples=64", "data.max_eval_samples=32"]
+    return [f"+experiment={name}", f"data.dir={GLUE_FIXTURES}", "data.val_fraction=0.5",
+            f"train.max_steps={FAST_STEPS.get(name, 3)}", "data.max_train_samples=64", "data.max_eval_samples=32"]
 
 
 CAUSAL = {name for name in EXPERIMENTS if name.startswith("rank_search_bbc")}
@@ -121,9 +126,10 @@ def _fast_config(tmp_path: Path, name: str, *extra: str):
 def test_every_experiment_runs_in_fast_mode(tmp_path, name):
     cfg = _fast_config(tmp_path, name)
     assert cfg.experiment_name == name and cfg.model.name == ("tiny_llama" if name in CAUSAL else "tiny_random")
-    assert adarank.runner.cli.preflight(cfg) == 3
+    steps = FAST_STEPS.get(name, 3)
+    assert adarank.runner.cli.preflight(cfg) == steps
     res = run(cfg, tmp_path / "out")
-    assert res["steps"] == 3 and res["experiment"] == name and res["task"] == cfg.task.name
+    assert res["steps"] == steps and res["experiment"] == name and res["task"] == cfg.task.name
     assert math.isfinite(res["value"])
 
 

@@ -26,6 +26,7 @@ def _load(name: str, path: Path):
 
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -299,3 +300,52 @@ def test_rank_study_extra_learning_rates_repeat_the_rank_sweeps(tmp_path):
         assert job.out.parent.parent == tmp_path / "bbc" and lr_dir in ("lr0.001", "lr0.003")
         cfg = adarank.runner.cli.to_config(compose_config(job.overrides))
         assert cfg.train.lr == float(lr_dir[2:]) and cfg.method.name == job.out.name.split("_")[0]
+
+
+#: The official scripts (QingruZhang/AdaLoRA NLU/scripts/run_debertav3_<task>.sh at f6968aa): train rows, epochs,
+#: lr, lora_r, lora_alpha, init_warmup, final_warmup, mask_interval, max_seq_length, warm-up steps (MRPC: ratio 0.1),
+#: weight decay.
+SCRIPTS = {
+    "sst2": (67349, 24, 8e-4, 2, 16, 6000, 22000, 100, 128, 1000, 0.01),
+    "cola": (8551, 25, 8e-4, 3, 32, 800, 3500, 10, 64, 100, 0.0),
+    "mrpc": (3668, 30, 1e-3, 2, 32, 600, 1800, 1, 320, 0.1, 0.01),
+}
+
+
+def test_paper_study_jobs_follow_the_official_scripts(tmp_path):
+    from adarank.schedule import make_schedule
+    from adarank.runner.train import total_steps
+
+    study = glue_sweep.STUDIES["paper"]
+    jobs = glue_sweep.select_jobs(tmp_path, ["sst2", "cola", "mrpc"], [0.5, 1, 2], 100, ["wandb.mode=disabled"], study)
+    groups = {}
+    for j in jobs:
+        groups.setdefault(j.tags["group"], []).append(j.tags["lr"])
+    for task, (rows, epochs, lr, r_init, alpha, t_i, t_f, dt, max_len, warm, wd) in SCRIPTS.items():
+        fixed = [1, 2] + ([3] if r_init == 3 else [])  # kept parameters matched (r=1), and those at the start
+        assert {g[1:] for g in groups if g[0] == task} == {("full", 1), ("adalora", 1), ("peft_adalora", 1),
+                                                            *{(m, b) for m in ("lora", "rslora") for b in fixed}}
+        assert groups[(task, "adalora", 1)] == [lr / 2, lr, 2 * lr] and groups[(task, "full", 1)] == [2e-5, 5e-5, 1e-4]
+        T_script = rows // 32 + (rows % 32 > 0)
+        T_script *= epochs
+        for j in (j for j in jobs if j.tags["group"][0] == task and j.tags["lr"] == groups[j.tags["group"]][1]):
+            cfg = adarank.runner.cli.to_config(compose_config(j.overrides))  # one lr per group: composing is slow
+            _, method, budget = j.tags["group"]
+            assert (cfg.model.name, cfg.task.name, cfg.train.lr, cfg.method.lr) == ("mpnet_base", task, j.tags["lr"], None)
+            if method == "full":
+                continue
+            assert (cfg.method.r, cfg.method.alpha, cfg.task.max_length, cfg.train.batch_size) == (budget, alpha, max_len, 32)
+            assert (cfg.train.weight_decay, cfg.method.orth_weight, cfg.method.beta1, cfg.method.beta2) == (wd, 0.1, 0.85, 0.85)
+            assert cfg.method.init_rank == r_init
+        # the schedule as fractions of T, to the 3 digits the experiment files give
+        cfg = adarank.runner.cli.to_config(compose_config([f"+experiment=glue_paper_{task}"]))
+        n_train = rows - round(rows * cfg.data.val_fraction)
+        T = total_steps(n_train // 32 + (n_train % 32 > 0), cfg.train.epochs, 1, None)
+        sched = make_schedule(T, cfg.method.init_frac, cfg.method.final_frac, cfg.method.delta_t)
+        assert abs(cfg.method.init_frac - t_i / T_script) < 5e-4 and abs(cfg.method.final_frac - t_f / T_script) < 5e-4
+        assert abs(cfg.train.warmup_frac - (warm if warm < 1 else warm / T_script)) < 0.001
+        events, events_script = (T - sched.t_init - sched.t_final) / sched.delta_t, (T_script - t_i - t_f) / dt
+        if task == "sst2":  # 3 of the script's 24 epochs; delta_t shrinks with T
+            assert cfg.train.epochs == 3 and abs(events / events_script - 1) < 0.05
+        else:  # the script's length; only the validation carve shortens T
+            assert cfg.train.epochs == epochs and cfg.method.delta_t == dt and abs(T / T_script - 0.9) < 0.01
