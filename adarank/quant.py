@@ -34,8 +34,6 @@ __all__ = ["QUANTIZATIONS", "BLOCK", "SCALER_BLOCK", "QuantReport", "check_avail
 QUANTIZATIONS = ("none", "nf4")
 BLOCK = 64  #: weights per absmax block (QLoRA's)
 SCALER_BLOCK = 256  #: absmaxes per double-quantisation block (QLoRA's), or the largest power of two dividing the count
-#: where torchao defines NF4Tensor (torchao.quantization re-exports it)
-NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
 
 
 def check_available(field_name: str = "model.quantization") -> None:
@@ -46,9 +44,11 @@ def check_available(field_name: str = "model.quantization") -> None:
 
 
 def is_quantized(t: torch.Tensor | None) -> bool:
-    """True for a torchao NF4 weight. Never imports torchao: a weight can only be NF4 once it has been imported."""
-    mod = sys.modules.get(NF4_MODULE)
-    return mod is not None and isinstance(t, mod.NF4Tensor)
+    """True for a torchao NF4 weight. Never imports torchao: a weight can only be NF4 once it has been imported.
+    Matched by class name and package, so it holds where torchao moves the class between releases."""
+    if "torchao" not in sys.modules or t is None:
+        return False
+    return any(c.__name__ == "NF4Tensor" and c.__module__.startswith("torchao.") for c in type(t).__mro__)
 
 
 def dense(weight: torch.Tensor) -> torch.Tensor:

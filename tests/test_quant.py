@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from adarank.shrink import shrink_layers
 
 from conftest import tiny_llama
 
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # as adarank.quant sets it: NF4 needs no C++ op
 pytest.importorskip("torchao", reason="model.quantization=nf4 needs torchao (pip install 'adarank[quant]')")
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -57,3 +60,51 @@ def test_adapters_over_nf4_train_mask_shrink_export_and_refuse_merge(tmp_path, k
     assert set(ranks.values()) == {2 if kind == "svd" else 4}
     with pytest.raises(ValueError, match="merge: the base weight is NF4"):
         layers[0].merge()
+
+
+# --- through the runner: the config field, its refusals and a run -------------------------------------------
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+
+import adarank.runner.cli  # noqa: E402
+from adarank.runner import config as C  # noqa: E402
+
+from e2e import TINY, compose_config, run  # noqa: E402
+
+
+def _nf4_config(tmp_path, *extra: str):
+    base = ["model=tiny_llama" if o == "model=tiny_random" else o for o in TINY]
+    return adarank.runner.cli.to_config(compose_config([
+        *base, "task=bbc", "task.max_length=32", "train.max_steps=8", "train.eval_every=4", "model.quantization=nf4",
+        "data.max_train_samples=24", "data.max_eval_samples=8", f"data.cache_dir={tmp_path / 'cache'}", *extra]))
+
+
+def test_an_unknown_quantization_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"^model\.quantization: must be one of"):
+        C.ModelConfig(quantization="int3")
+
+
+@pytest.mark.parametrize("method", ["full", "peft_lora", "peft_adalora"])
+def test_nf4_is_refused_for_methods_that_train_or_wrap_the_base_themselves(tmp_path, method):
+    with pytest.raises(ValueError, match=rf"^model\.quantization: nf4 freezes the base .* not {method}$"):
+        _nf4_config(tmp_path, f"method={method}", "method.r=2")
+
+
+def test_preflight_without_torchao_says_how_to_install_it(tmp_path, monkeypatch):
+    cfg = _nf4_config(tmp_path, "method=lora", "method.r=2")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(ValueError, match=r"^model\.quantization: nf4 needs torchao \(pip install 'adarank\[quant\]'"):
+        adarank.runner.cli.preflight(cfg)
+
+
+def test_the_runner_trains_adalora_over_an_nf4_base_and_exports_it(tmp_path):
+    # adalora covers LoRA's path (the adapters over NF4 linears) and adds masking, the shrink and the export
+    res = run(_nf4_config(tmp_path, "method=adalora", "method.r=2", "method.delta_t=2"), tmp_path / "run")
+    assert res["steps"] == 8 and res["config"]["model"]["quantization"] == "nf4"
+    assert 1 < res["value"] < float("inf")
+    ranks = res["final_ranks"]
+    assert sum(ranks.values()) == 2 * len(ranks)
+    exported = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(exported["rank_pattern"].values()) == sorted(r for r in ranks.values() if r > 0)
