@@ -112,7 +112,7 @@ def _experiment_overrides(name: str, tmp_path: Path) -> list[str]:
             f"train.max_steps={FAST_STEPS.get(name, 3)}", "data.max_train_samples=64", "data.max_eval_samples=32"]
 
 
-CAUSAL = {name for name in EXPERIMENTS if name.startswith("rank_search_bbc")}
+CAUSAL = {name for name in EXPERIMENTS if name.startswith(("rank_search_bbc", "qlora_bbc"))}
 
 
 def _fast_config(tmp_path: Path, name: str, *extra: str):
