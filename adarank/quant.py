@@ -19,8 +19,8 @@ up to 256 (SmolLM2's 576×576 projections: 64). A matrix whose size is not a mul
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -34,6 +34,22 @@ __all__ = ["QUANTIZATIONS", "BLOCK", "SCALER_BLOCK", "QuantReport", "check_avail
 QUANTIZATIONS = ("none", "nf4")
 BLOCK = 64  #: weights per absmax block (QLoRA's)
 SCALER_BLOCK = 256  #: absmaxes per double-quantisation block (QLoRA's), or the largest power of two dividing the count
+
+
+class _SkipCppExtensionNotes(logging.Filter):
+    """Drops torchao's import-time notes about its own C++ extensions ("Failed to load …/_C….so", "Skipping
+    import of cpp extensions …"): they are built for one torch version and Python ABI, and NF4 is pure PyTorch
+    and uses none of them. Every other torchao record passes. Installed when adarank is imported, so it is in
+    place whichever library (peft, transformers, ours) imports torchao first; without it, every run of a
+    machine with torchao installed writes these lines to stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("Skipping import of cpp extensions")
+                    or (msg.startswith("Failed to load ") and "torchao" in msg and "_C" in msg))
+
+
+logging.getLogger("torchao").addFilter(_SkipCppExtensionNotes())
 
 
 def check_available(field_name: str = "model.quantization") -> None:
@@ -59,9 +75,6 @@ def dense(weight: torch.Tensor) -> torch.Tensor:
 
 def _to_nf4():
     check_available()
-    # torchao's own C++ extensions are built for one torch version and Python ABI and warn loudly when they do
-    # not load; NF4 is pure PyTorch and uses none of them. A user's explicit setting wins.
-    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     from torchao.quantization import to_nf4
 
     return to_nf4

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import importlib.util
+import logging
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ from adarank.shrink import shrink_layers
 
 from conftest import tiny_llama
 
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # as adarank.quant sets it: NF4 needs no C++ op
-pytest.importorskip("torchao", reason="model.quantization=nf4 needs torchao (pip install 'adarank[quant]')")
+#: the tests that quantize; the config and preflight refusals below need no torchao
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="model.quantization=nf4 needs torchao (pip install 'adarank[quant]')")
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 
@@ -24,6 +26,7 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
+@needs_torchao
 def test_nf4_base_is_smaller_and_its_output_close_to_the_dense_one():
     dense, quant = tiny_llama(), tiny_llama()
     before = sum(nbytes(m.weight) for m in quant.modules() if type(m) is torch.nn.Linear)
@@ -37,6 +40,7 @@ def test_nf4_base_is_smaller_and_its_output_close_to_the_dense_one():
     assert 0 < err < 0.2  # 4-bit rounding: different, but close
 
 
+@needs_torchao
 @pytest.mark.parametrize("kind", ["lora", "svd"])
 def test_adapters_over_nf4_train_mask_shrink_export_and_refuse_merge(tmp_path, kind):
     model = tiny_llama()
@@ -62,9 +66,17 @@ def test_adapters_over_nf4_train_mask_shrink_export_and_refuse_merge(tmp_path, k
         layers[0].merge()
 
 
+def test_torchaos_notes_on_its_cpp_extensions_are_dropped_and_its_other_records_kept(caplog):
+    log = logging.getLogger("torchao")
+    with caplog.at_level(logging.WARNING, logger="torchao"):
+        log.warning("Failed to load /site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load")
+        log.warning("Skipping import of cpp extensions due to TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1")
+        log.warning("Failed to load a quantization config")
+    assert [r.getMessage() for r in caplog.records] == ["Failed to load a quantization config"]
+
+
 # --- through the runner: the config field, its refusals and a run -------------------------------------------
 
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 
 import adarank.runner.cli  # noqa: E402
@@ -99,6 +111,7 @@ def test_preflight_without_torchao_says_how_to_install_it(tmp_path, monkeypatch)
         adarank.runner.cli.preflight(cfg)
 
 
+@needs_torchao
 def test_the_runner_trains_adalora_over_an_nf4_base_and_exports_it(tmp_path):
     # adalora covers LoRA's path (the adapters over NF4 linears) and adds masking, the shrink and the export
     res = run(_nf4_config(tmp_path, "method=adalora", "method.r=2", "method.delta_t=2"), tmp_path / "run")

@@ -367,10 +367,11 @@ class Config:
         from .methods import METHODS
 
         _check(0 <= self.seed < SEED_LIMIT, "seed", f"must be in [0, 2**32), got {self.seed}")
-        spec = METHODS[self.method.name]
-        _check(self.model.quantization == "none" or (spec.adapters and not spec.peft), "model.quantization",
-               f"{self.model.quantization} freezes the base in 4 bits: only for adarank's adapter methods "
-               f"({', '.join(n for n, s in METHODS.items() if s.adapters and not s.peft)}), not {self.method.name}")
+        if self.model.quantization != "none":
+            own_adapters = [n for n, s in METHODS.items() if s.adapters and not s.peft]
+            _check(self.method.name in own_adapters, "model.quantization",
+                   f"{self.model.quantization} freezes the base in 4 bits: only for adarank's adapter methods "
+                   f"({', '.join(own_adapters)}), not {self.method.name}")
         _check(self.experiment_name != "", "experiment_name", "must not be empty")
         _check(
             bool(self.model.targets) or self.method.targets is not None or bool(self.method.target_regex),
