@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,11 @@ def _sweep_values(name: str) -> list[str]:
     return [f"{o.get_key_element()}={v}" for o in parsed for v in o.sweep_string_iterator()]
 
 
+#: Sweep values that need an optional extra (the package it installs): where it is not installed, preflight
+#: must refuse them in one line naming the field instead.
+NEEDS_EXTRA = {"model.quantization=nf4": "torchao"}
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_sweep_params_of_every_experiment_are_valid_overrides(tmp_path, name):
     values = _sweep_values(name)
@@ -149,6 +156,10 @@ def test_sweep_params_of_every_experiment_are_valid_overrides(tmp_path, name):
         key, _, want = value.partition("=")
         got = OmegaConf.select(OmegaConf.structured(cfg), key)
         assert str(got.name if OmegaConf.is_config(got) else got) == want, value
+        if value in NEEDS_EXTRA and importlib.util.find_spec(NEEDS_EXTRA[value]) is None:
+            with pytest.raises(ValueError, match=rf"^{re.escape(key)}: .*needs {NEEDS_EXTRA[value]}"):
+                adarank.runner.cli.preflight(cfg)
+            continue
         adarank.runner.cli.preflight(cfg)
 
 
