@@ -9,6 +9,7 @@ builder returns, so the training loop never asks for a method by name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
@@ -20,6 +21,7 @@ from ..allocation import Allocator
 from ..allocator import RankAllocator
 from ..atomic import atomic_write_bytes
 from ..export import export_peft
+from ..increlora import IncreLoraAllocator
 from ..inject import ParamReport, check_not_trained_in_full, find_targets, inject, param_report, svd_adapters
 from ..layers import base_dims
 from ..orth import OrthGrad
@@ -210,6 +212,30 @@ def build_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "Mode
                    _save_export(model, model_cfg), final_average_rank(budget.target_total, len(names)))
 
 
+def build_increlora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """IncreLoRA: SVD adapters at method.init_rank (1 by default) growing to the budget adalora would resolve
+    (`IncreLoraAllocator`), with the orthogonal regulariser."""
+    m, targets = method_cfg, method_targets(method_cfg, model_cfg)
+    names = target_names(model, m, model_cfg)
+    start = m.init_rank if m.init_rank is not None else 1
+    # the budget as adalora resolves it; adalora's initial rank (at least the target) is not used here
+    budget = method_budget(model, dataclasses.replace(m, init_rank=None, init_ratio=1.0), names)
+    if start * len(names) > budget.target_total:
+        raise ValueError(f"method.init_rank: {start} x {len(names)} modules exceeds the budget of "
+                         f"{budget.target_total} triplets; IncreLoRA starts below it and grows")
+    rep = inject(model, "svd", start, m.alpha, targets, m.target_regex, m.dropout, m.rslora, list(model_cfg.train_modules),
+                 DTYPES[m.adapter_dtype], m.fused)
+    reg = OrthGrad([layer for _, layer in svd_adapters(model)], m.orth_weight, m.orth_form) if m.orth_weight > 0 else None
+    seed = torch.initial_seed()  # the run's seed (set before the model was built): the new triplets' draws
+
+    def make_allocator(schedule: Schedule) -> IncreLoraAllocator:
+        return IncreLoraAllocator(svd_adapters(model), schedule, budget.target_total, m.top_h, m.grow_by, m.beta1,
+                                  m.beta2, seed=seed)
+
+    return Adapted(model, rep, m.name, budget.target_total, start, reg, names, make_allocator,
+                   _save_export(model, model_cfg), final_average_rank(budget.target_total, len(names)))
+
+
 def build_peft_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
     """PEFT's own LoRA, in our loop."""
     m = method_cfg
@@ -243,6 +269,7 @@ METHODS: dict[str, MethodSpec] = {
     "lora": MethodSpec(build_lora, fusable=True),
     "rslora": MethodSpec(build_rslora, fusable=True),
     "adalora": MethodSpec(build_adalora, adaptive=True, fusable=True),
+    "increlora": MethodSpec(build_increlora, adaptive=True, fusable=True),
     "peft_lora": MethodSpec(build_peft_lora, peft=True),
     "peft_adalora": MethodSpec(build_peft_adalora, adaptive=True, peft=True),
 }
