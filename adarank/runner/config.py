@@ -239,9 +239,9 @@ class MethodConfig:
         _check(self.top_h >= 1, "method.top_h", f"must be >= 1, got {self.top_h}")
         _check(self.grow_by >= 1, "method.grow_by", f"must be >= 1, got {self.grow_by}")
         if self.init_rank is not None and self.target_total_rank is None and self.target_params is None:
-            if self.name == "increlora":  # it grows from init_rank up to r
+            if METHODS[self.name].grows:  # it grows from init_rank up to r
                 _check(self.init_rank <= self.r, "method.init_rank", f"starting rank {self.init_rank} exceeds the target "
-                       f"rank method.r={self.r} (increlora grows)")
+                       f"rank method.r={self.r} (increlora grows to it)")
             else:
                 _check(self.r <= self.init_rank, "method.r", f"target rank {self.r} exceeds method.init_rank {self.init_rank}")
 
