@@ -13,6 +13,23 @@ exactly (Σ_j ΔW_ij G_ij = Σ_r P_ir ∂L/∂P_ir) and its column sums (from Q)
 (Σ_i |row_i| + Σ_j |col_j|) / (2√(out·in)): the abs after summing along one axis instead of per element.
 Those sums run on one flat buffer of every module's P and Q: a fixed number of kernels however deep the
 model, no per-module Python loop, and no host sync except at growth steps (which must resize parameters).
+
+Where we differ from the reference, and why:
+- the score's abs comes after a row/column sum (above); it is computed after the optimizer step from the
+  accumulated, DDP-averaged gradients (the reference: in a hook, from the last micro-batch, per process), so
+  every process chooses the same modules;
+- no advance learning: the reference keeps one reserve triplet per module whose P, Q train (λ fixed at 1e-5)
+  before it is added; ours start fresh (P, Q ~ N(0, 0.02), λ = 0, the reference's `advance_learn=False`);
+- the scale stays α/r_init; the reference divides by the current rank, which rescales every existing triplet
+  of a grown module (so its growth changes the function);
+- exactly top_h modules grow (ties broken by position), the last ones by fewer triplets where the budget
+  would otherwise be passed; the reference grows every module tied at the threshold, each by the full
+  incre_rank_num (default target_rank / 2; ours `grow_by`, default 1 as in the issue), and can overshoot;
+- a module's rank is capped at min(out, in), and growth happens only in (t_i, T − t_f]: the reference grows
+  until the budget is reached, however long that takes;
+- new entries join the existing parameters (AdamW moments zero, the parameter's step count) rather than a new
+  parameter group with fresh step counts; the orthogonal regulariser sees the whole P and Q (the reference's,
+  over one-triplet parameters, only normalises each triplet).
 """
 
 from __future__ import annotations
