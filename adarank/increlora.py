@@ -46,13 +46,24 @@ from .grow import grow_layers, pad_optimizer
 from .layers import SVDLinear
 from .schedule import Schedule
 
-__all__ = ["IncreLoraAllocator", "growth_rounds"]
+__all__ = ["IncreLoraAllocator", "check_growth", "growth_rounds"]
 
 
 def growth_rounds(schedule: Schedule) -> int:
     """The growth steps of the window: t_i < t ≤ T − t_f with t a multiple of ΔT."""
     first, last, dt = schedule.t_init + 1, schedule.total - schedule.t_final, schedule.delta_t
     return max(0, last // dt - (first - 1) // dt)
+
+
+def check_growth(schedule: Schedule, init_total: int, target_total: int, top_h: int, grow_by: int, n_modules: int) -> None:
+    """The growth window can reach the budget (the runner's preflight calls this before any model loads)."""
+    rounds = growth_rounds(schedule)
+    most = rounds * min(top_h, n_modules) * grow_by
+    if target_total - init_total > most:
+        raise ValueError(f"method.top_h: {rounds} growth steps (every method.delta_t={schedule.delta_t} in the "
+                         f"window) of top_h={top_h} x grow_by={grow_by} add at most {most} triplets, short of the "
+                         f"{target_total - init_total} the budget needs; raise method.top_h or grow_by, or lower "
+                         "method.delta_t")
 
 
 class IncreLoraAllocator:
@@ -90,12 +101,7 @@ class IncreLoraAllocator:
         if not self.init_total <= target_total <= sum(self.caps):
             raise ValueError(f"method.r: the budget {target_total} must be in [{self.init_total}, {sum(self.caps)}] "
                              "(the starting total rank, and the most the adapted matrices can hold)")
-        most = growth_rounds(schedule) * min(top_h, len(self.layers)) * grow_by
-        if target_total - self.init_total > most:
-            raise ValueError(f"method.top_h: {growth_rounds(schedule)} growth steps (every method.delta_t="
-                             f"{schedule.delta_t} in the window) of top_h={top_h} x grow_by={grow_by} add at most "
-                             f"{most} triplets, short of the {target_total - self.init_total} the budget needs; "
-                             "raise method.top_h or grow_by, or lower method.delta_t")
+        check_growth(schedule, self.init_total, target_total, top_h, grow_by, len(self.layers))
         self.t = 0
         self.ranks = [m.r for m in self.layers]  # after this step's growth (the layers catch up in maybe_shrink)
         self._ema_ipt: torch.Tensor | None = None  # (n_modules,) Ī, then Ū

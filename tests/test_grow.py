@@ -71,3 +71,21 @@ def test_the_optimizer_state_grows_with_zeros_and_keeps_its_step():
     model(**make_batch()).loss.backward()
     opt.step()  # AdamW steps the grown parameters
     assert grown.lam[2:].abs().sum() > 0
+
+
+def test_grown_fused_adapters_compute_what_the_plain_ones_do():
+    plain, _ = svd_bert(r=1)
+    fused, _ = svd_bert(r=1, fused=True)
+    for model in (plain, fused):
+        layers = [m for _, m in adarank.svd_adapters(model)]
+        grow_layers(layers, [i % 3 for i in range(len(layers))], seed=3)
+        randomize_lams(model)
+    batch = make_batch()
+    losses = [model(**batch).loss for model in (plain, fused)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (_, a), (_, b) in zip(adarank.svd_adapters(plain), adarank.svd_adapters(fused)):
+        assert b.r == a.r and b.fused and not a.fused
+        for n in ("P", "lam", "Q"):
+            torch.testing.assert_close(getattr(b, n).grad, getattr(a, n).grad, rtol=1e-4, atol=1e-6)

@@ -49,3 +49,13 @@ def test_increlora_from_the_command_line_and_resumed_across_a_growth_step(tmp_pa
     for key in COMPARED:
         assert got[key] == want[key], key
     assert differing_tensors(ckpt.trainable_state(straight), ckpt.trainable_state(resumed)) == []
+
+
+def test_a_growth_window_too_short_is_one_line_before_the_model_loads(tmp_path, capsys):
+    # T = 10 and delta_t = 5: the window (1, 8] holds one growth step, 1 module x 1 triplet of the 12 needed
+    with pytest.raises(SystemExit) as info:
+        cli.main([*TINY, *RUN, "method.delta_t=5", "method.top_h=1", f"hydra.run.dir={tmp_path / 'out'}",
+                  f"data.cache_dir={tmp_path / 'cache'}"])
+    assert info.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "method.top_h: 1 growth steps" in err and "short of the 12" in err
