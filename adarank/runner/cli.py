@@ -174,6 +174,7 @@ def _check_creatable(path: str, key: str) -> None:
 def preflight(cfg: Config) -> int:
     """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
     from ..inject import check_not_trained_in_full, unfreeze
+    from ..increlora import check_growth
     from ..schedule import make_schedule
     from .data import get_task
     from .methods import METHODS, method_budget, method_targets, target_names
@@ -215,9 +216,11 @@ def preflight(cfg: Config) -> int:
         check_not_trained_in_full(model, names, method_targets(m, mc), mc.train_modules)
     unfreeze(model, mc.train_modules)
     if spec.adaptive:
-        method_budget(model, m, names)
+        budget = method_budget(model, m, names)
         if known_T:
-            make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
+            schedule = make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
+            if spec.grows:
+                check_growth(schedule, budget.init_total, budget.target_total, m.top_h, m.grow_by, len(names))
     resolve_path(tokenizer_source(cfg.model.name_or_path, cfg.model.tokenizer))
     _tokenizer_loads(cfg.model.name_or_path, cfg.model.tokenizer)
     return T

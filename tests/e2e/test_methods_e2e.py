@@ -185,7 +185,8 @@ def test_budget_reported_for_a_total_rank_target(tmp_path):
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("method,extra", [("lora", []), ("adalora", []), ("adalora", ["method.fused=true"]),
-                                          ("peft_adalora", [])])
+                                          ("peft_adalora", []),
+                                          ("increlora", ["method.fused=true", "method.delta_t=2", "method.top_h=4"])])
 def test_cuda_graph_training_runs_the_same_schedule_as_eager(tmp_path, method, extra):
     """train.cuda_graph=true through the runner: the same steps, budget and ranks as the eager loop, and a
     loss curve that follows it (the capturable optimizer and graph-replayed dropout differ in the last bits,
@@ -197,7 +198,7 @@ def test_cuda_graph_training_runs_the_same_schedule_as_eager(tmp_path, method, e
     graph = run(tiny_config(tmp_path, *common, "train.cuda_graph=true"), tmp_path / "graph")
     assert graph["steps"] == eager["steps"] == T
     assert graph["budget_curve"] == eager["budget_curve"]
-    if method == "adalora":
+    if method in ("adalora", "increlora"):
         assert sum(graph["final_ranks"].values()) == sum(eager["final_ranks"].values())
     a = [e["train/loss"] for e in eager["train_log"]]
     b = [e["train/loss"] for e in graph["train_log"]]
