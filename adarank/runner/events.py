@@ -5,8 +5,9 @@ The loop calls `record(history, allocation)` after each optimizer step; the even
 so a checkpoint carries them and a resumed run continues the list. `results_fields(history)` is what
 results.json adds:
 
-- ``allocation_events``: ``{"modules": [name, ...], "steps": [step, ...], "budgets": [budget, ...],
-  "ranks": ["r_1 r_2 ...", ...]}``, one entry per masking event (every ΔT steps of the budgeting phase, and
+- ``allocation_events``: ``{"modules": [name, ...], "sizes": "n_1 n_2 ...", "steps": [step, ...],
+  "budgets": [budget, ...], "ranks": ["r_1 r_2 ...", ...]}``: each module's number of triplets (its initial
+  rank) once, then one entry per masking event (every ΔT steps of the budgeting phase, and
   the final allocation at T - t_f), each event's ranks one space-separated string in ``modules`` order;
 - ``kept_triplets``: ``{name: "i j ..."}``, the indices (0 .. r_init - 1) of the triplets the final mask
   keeps in each module, in increasing order ("" for a module pruned to rank 0).
@@ -44,7 +45,11 @@ def record(history: dict[str, Any], allocation: Allocation | None) -> None:
     """Append a masking event's per-module ranks; at the final allocation, also the kept triplets."""
     if allocation is None or not allocation.masked:
         return
-    events = history.setdefault(EVENTS, {"modules": list(allocation.names), "steps": [], "budgets": [], "ranks": []})
+    events = history.get(EVENTS)
+    if events is None:
+        sizes = (allocation.bounds[1] - allocation.bounds[0]).tolist()
+        events = history[EVENTS] = {"modules": list(allocation.names), "sizes": encode(sizes), "steps": [],
+                                    "budgets": [], "ranks": []}
     events["steps"].append(int(allocation.step))
     events["budgets"].append(int(allocation.budget))
     events["ranks"].append(encode(allocation.ranks.tolist()))

@@ -36,7 +36,7 @@ def test_only_masking_events_are_recorded_and_the_final_one_keeps_its_triplets()
     events.record(history, _allocation(4, [True, False, True, True, True], masked=False))
     events.record(history, _allocation(6, [False, False, True, False, True], phase="final"))
     assert events.results_fields(history) == {
-        "allocation_events": {"modules": ["a", "b"], "steps": [3, 6], "budgets": [4, 2], "ranks": ["2 2", "1 1"]},
+        "allocation_events": {"modules": ["a", "b"], "sizes": "3 2", "steps": [3, 6], "budgets": [4, 2], "ranks": ["2 2", "1 1"]},
         "kept_triplets": {"a": "2", "b": "1"},
     }
 
@@ -49,6 +49,7 @@ def test_a_tiny_adalora_run_records_its_events_and_kept_triplets(tmp_path, monke
     masking = [t for t in range(1, T + 1) if t < T - T_FINAL and budget_at(t, 36, 24, T_INIT, T_FINAL, T, 3)[1]]
     assert len(masking) >= 3 and ev["steps"] == masking + [T - T_FINAL]  # the budgeting phase's events, then the final one
     assert ev["budgets"] == [dict(res["budget_curve"])[t] for t in ev["steps"]] and ev["budgets"][-1] == 24
+    assert events.decode(ev["sizes"]) == [INIT_RANK] * N_MODULES
     ranks = [events.decode(r) for r in ev["ranks"]]
     assert all(len(r) == N_MODULES and sum(r) <= b for r, b in zip(ranks, ev["budgets"]))
     assert dict(zip(ev["modules"], ranks[-1])) == res["final_ranks"]
