@@ -27,12 +27,16 @@ candidate with its mean validation metric and its number of seeds; (b) mean ± s
 other method at the same (task, budget), with a two-sided paired t-test; (e) for adaptive
 methods (runs with ``final_ranks``), where the rank went: the mean final rank per matrix type
 (q, k, v, attn-out, ffn-in, ffn-out; Llama's q_proj ... down_proj keep their names) and per
-layer, with the bottom and top halves of the stack. Runs without a budget (full fine-tuning)
-are their own row and are paired with every budget.
+layer, with the bottom and top halves of the stack; (f) for the same groups, the allocation's
+stability over seeds against seeded chance levels and its movement over the schedule
+(``adarank.studies.stability``; the kept triplets and masking events come from runs that recorded
+them). Runs without a budget (full fine-tuning) are their own row and are paired with every budget.
 
 Plots, in OUT_DIR: ``metric_vs_budget_<task>.png``; per (task, method, budget) of an adaptive
 method, ``rank_heatmap_<task>_<method>_r<budget>.png`` (mean final rank over seeds, layer x
-matrix type) and ``budget_curve_<task>_<method>_r<budget>.png`` (the budget schedule); with runs of
+matrix type), ``budget_curve_<task>_<method>_r<budget>.png`` (the budget schedule) and
+``movement_<task>_<method>_r<budget>.png`` (ρ with the final ranks and L1 change per masking event);
+``stability.png`` (every adaptive group's agreement over seeds against chance); with runs of
 several models, ``<task>_<model>_<method>`` in those names.
 Needs numpy and scipy, not pandas.
 """
