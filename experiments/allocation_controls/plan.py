@@ -100,12 +100,17 @@ def make_job(root: Path, stage: str, task: str, arm: str, budget: int, lr: float
                                        "pattern": None if pattern is None else str(pattern)})
 
 
-def choose_lr(jobs: list[Job]) -> float | None:
-    """The learning rate of a selection group, by the report's rule (best mean carved-validation metric, ties to
-    the smaller); None until every job has ended or when none has a validation metric."""
-    if not all(j.done() for j in jobs):
+def _ended(out: Path) -> bool:
+    return (out / "results.json").exists() or (out / "diverged.json").exists()
+
+
+def choose_lr(runs: dict[float, Path]) -> float | None:
+    """The learning rate of a selection group (lr -> run folder), by the report's rule (best mean
+    carved-validation metric, ties to the smaller); None until every run has ended or when none has a
+    validation metric."""
+    if not all(_ended(out) for out in runs.values()):
         return None
-    rows = {j.tags["lr"]: load_row(j.out / "results.json") for j in jobs if (j.out / "results.json").exists()}
+    rows = {lr: load_row(out / "results.json") for lr, out in runs.items() if (out / "results.json").exists()}
     ok = {lr: r["val_value"] for lr, r in rows.items() if r["val_value"] is not None}
     if not ok:
         return None
@@ -126,8 +131,9 @@ class Plan:
         self.extra, self.stages = list(extra), tuple(stages)
         self.cells = [(t, b) for t in sorted(tasks, key=lambda t: -COST.get(t, 0)) for b in budgets]
         self.arms = [a for a in ARMS if a in arms]  # ARMS order: adalora first, so its runs start first
-        self.selects = {(t, a, b): [self._job("select", t, a, b, lr, select_seed) for lr in self.lrs]
-                        for t, b in self.cells for a in self.arms}
+        # (task, arm, budget) -> lr -> the selection run's folder
+        self.selects = {(t, a, b): {lr: group_dir(self.root, "select", t, a, b) / run_name(lr, select_seed)
+                                    for lr in self.lrs} for t, b in self.cells for a in self.arms}
         self.chosen: dict[tuple, float] = {}
         self.issued: set[Path] = set()
         self.left_out: dict[str, str] = {}  # run folder -> why it cannot run
@@ -144,7 +150,8 @@ class Plan:
         """The selection jobs that need no pattern (adalora's first), then whatever is ready already."""
         jobs = []
         if "select" in self.stages:
-            jobs = [j for (t, a, b), js in self.selects.items() if not ARMS[a].pattern for j in js]
+            jobs = [self._job("select", t, a, b, lr, self.select_seed) for (t, a, b), runs in self.selects.items()
+                    if not ARMS[a].pattern for lr in runs]
         return self._issue(jobs) + self.ready()
 
     def _source(self, stage: str, task: str, budget: int, seed: int) -> Path | None:
@@ -169,12 +176,12 @@ class Plan:
         """New jobs whose dependencies have finished: a pattern arm's selection once adalora's rate is chosen,
         a group's finals once its rate is chosen, a pattern arm's final once its adalora final has finished."""
         jobs: list[Job] = []
-        for g, js in self.selects.items():
+        for g, runs in self.selects.items():
             if g not in self.chosen:  # also from an earlier call's selection runs (--stages final)
-                lr = choose_lr(js)
+                lr = choose_lr(runs)
                 if lr is not None:
                     self.chosen[g] = lr
-        for (task, arm, budget), js in self.selects.items():
+        for task, arm, budget in self.selects:
             if ARMS[arm].pattern and "select" in self.stages:
                 jobs += [j for lr in self.lrs if (j := self._pattern_job("select", task, arm, budget, lr,
                                                                           self.select_seed)) is not None]
