@@ -637,26 +637,26 @@ def _stability_section(stability: Mapping[Key, dict[str, Any]] | None, multi: bo
                "between consecutive events, the part of it the shrinking budget forces, the rest (rank moved "
                "between modules), ρ with the final allocation of the earliest event whose ranks are not all equal, "
                "and the first step from which ρ with the final stays >= 0.9."), ""]
-    body = []
-    for (task, model, method, budget), st in stability.items():
-        ms = st["movements"]
-        if not ms:
-            continue
-
-        def mean(key: str, ms: list = ms) -> float | None:
-            v = [m[key] for m in ms if m[key] is not None]
-            return float(np.mean(v)) if v else None
-        first = [next((r for r in m["rho_to_final"] if r is not None), None) for m in ms]
-        first_mean = float(np.mean([r for r in first if r is not None])) if any(r is not None for r in first) else None
-        body.append([task, *_m(multi, model), method, _budget(budget), len(ms), len(ms[0]["steps"]),
-                     _num(mean("total_l1"), ".1f"), _num(mean("forced_l1"), ".1f"), _num(mean("reallocation"), ".1f"),
-                     two(first_mean), _num(mean("settle_step"), ".0f")])
+    body = [[task, *_m(multi, model), method, _budget(budget), *_movement_cells(st["movements"])]
+            for (task, model, method, budget), st in stability.items() if st["movements"]]
     if body:
         lines += _table(["task", *_m(multi), "method", "budget", "n runs", "events", "total L1", "forced by budget",
                          "reallocation", "earliest ρ", "settled from step"], body)
     else:
         lines.append("No run recorded its masking events.")
     return lines
+
+
+def _movement_cells(movements: Sequence[dict[str, Any]]) -> list[Any]:
+    """The movement table's cells of one group: its runs' means (over the runs where a value is defined)."""
+    def mean(values: Iterable[float | None]) -> float | None:
+        v = [x for x in values if x is not None]
+        return float(np.mean(v)) if v else None
+
+    earliest = mean(next((r for r in m["rho_to_final"] if r is not None), None) for m in movements)
+    return [len(movements), len(movements[0]["steps"]),
+            *(_num(mean(m[k] for m in movements), ".1f") for k in ("total_l1", "forced_l1", "reallocation")),
+            _num(earliest, ".2f"), _num(mean(m["settle_step"] for m in movements), ".0f")]
 
 
 def write_stability_plots(stability: Mapping[Key, dict[str, Any]], out: Path, multi: bool) -> list[tuple[str, Path]]:
