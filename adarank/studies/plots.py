@@ -168,10 +168,10 @@ def allocation_movement(movements: Mapping[str, Mapping[str, Any]], path: PathLi
     for label, m in movements.items():
         pts = [(s, r) for s, r in zip(m["steps"], m["rho_to_final"]) if r is not None]
         if pts:
-            top.plot(*zip(*pts), linewidth=1, alpha=0.8, label=label)
+            top.plot(*zip(*pts), marker=".", linewidth=1, alpha=0.8, label=label)
         l1 = [(s, x) for s, x in zip(m["steps"], m["l1"]) if x is not None]
         if l1:
-            bottom.plot(*zip(*l1), drawstyle="steps-post", linewidth=1, alpha=0.8, label=label)
+            bottom.plot(*zip(*l1), marker=".", linewidth=1, alpha=0.8, label=label)
     top.set_ylabel("ρ with the final ranks")
     top.set_ylim(-1.05, 1.05)
     bottom.set_ylabel("L1 change from the previous event")
@@ -195,7 +195,7 @@ def agreement_vs_chance(entries: Sequence[Mapping[str, Any]], path: PathLike, ti
     entries = [e for e in entries if e.get("spearman") is not None or e.get("jaccard") is not None]
     if not entries:
         return None
-    fig = new_figure(8, 1.2 + 0.35 * len(entries))
+    fig = new_figure(8, 1.6 + 0.35 * len(entries))
     axes = fig.subplots(1, 2, sharey=True)
     ys = np.arange(len(entries))[::-1]
     for ax, key in zip(axes, ("spearman", "jaccard")):
@@ -217,9 +217,11 @@ def agreement_vs_chance(entries: Sequence[Mapping[str, Any]], path: PathLike, ti
                 ax.plot(e[key], y, "o", color="C0", label=label("seeds"))
         ax.set_xlabel("Spearman ρ of final ranks between seeds" if key == "spearman" else "Jaccard of kept triplets")
         ax.grid(alpha=0.3, axis="x")
-        if labelled:
-            ax.legend(fontsize=7, loc="lower right")
     axes[0].set_yticks(ys, [e["label"] for e in entries], fontsize=8)
+    handles = {}
+    for ax in axes:  # one legend for both panels, below them, where it hides no mark
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, fontsize=7)
     if title:
         fig.suptitle(title)
     return save_png(fig, path)

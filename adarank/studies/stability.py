@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["spearman", "jaccard", "rank_agreement", "module_jaccard", "triplet_agreement", "random_allocation",
-           "chance_levels", "movement", "group_stability", "decode", "SETTLED"]
+__all__ = ["spearman", "jaccard", "rank_agreement", "module_jaccard", "triplet_agreement", "random_allocations",
+           "rank_agreement_draws", "triplet_agreement_draws", "chance_levels", "movement", "group_stability", "decode", "SETTLED"]
 
 SETTLED = 0.9  # ρ with the final allocation from which a run counts as settled
 
@@ -90,28 +90,73 @@ def triplet_agreement(kept_by_seed: Sequence[Mapping[str, Sequence[int]]]) -> fl
     return _mean(list(module_jaccard(kept_by_seed).values()))
 
 
-def random_allocation(ranks: Mapping[str, int], sizes: Mapping[str, int], rng: np.random.Generator,
-                      permute: bool = True) -> tuple[dict[str, int], dict[str, list[int]]]:
-    """One draw of the null: (module -> rank, module -> kept indices). `permute`: the ranks are permuted over
-    the modules of the same size (the permuted-histogram null); else each module keeps its rank (given ranks).
-    The kept indices are a uniform random subset of that many of the module's `sizes[name]` triplets."""
-    names = list(ranks)
-    out = dict(ranks)
+def random_allocations(ranks_by_seed: Sequence[Mapping[str, int]], sizes: Mapping[str, int], draws: int,
+                       rng: np.random.Generator, permute: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """`draws` draws of the null for every seed at once: (module names, ranks (draws, seeds, modules), kept
+    (draws, seeds, modules, max size) boolean). `permute`: each seed's ranks are permuted over the modules of
+    the same size (the permuted-histogram null); else each module keeps its rank (given ranks). The kept
+    triplets of a module are a uniform random subset of that many of its `sizes[name]` triplets."""
+    names = [n for n in ranks_by_seed[0] if all(n in r for r in ranks_by_seed)]
+    observed = np.array([[r[n] for n in names] for r in ranks_by_seed])  # (seeds, modules)
+    n_of = np.array([sizes[n] for n in names])
+    ranks = np.broadcast_to(observed, (draws, *observed.shape)).copy()
     if permute:
-        by_size: dict[int, list[str]] = {}
-        for n in names:
-            by_size.setdefault(sizes[n], []).append(n)
-        for members in by_size.values():
-            out.update(zip(members, rng.permutation([ranks[n] for n in members]).tolist()))
-    kept = {n: sorted(rng.choice(sizes[n], size=int(out[n]), replace=False).tolist()) for n in names}
-    return out, kept
+        for size in np.unique(n_of):
+            cols = np.flatnonzero(n_of == size)
+            order = rng.random((draws, len(ranks_by_seed), len(cols))).argsort(-1)  # a random permutation each
+            ranks[..., cols] = np.take_along_axis(observed[None, :, cols].repeat(draws, 0), order, -1)
+    # a uniform k-subset of n slots: the k slots with the smallest random keys (padding slots never win)
+    keys = rng.random((*ranks.shape, n_of.max()))
+    keys[..., np.arange(n_of.max())[None, :] >= n_of[:, None]] = np.inf
+    kept = keys.argsort(-1).argsort(-1) < ranks[..., None]
+    return names, ranks, kept
 
 
-def _p_upper(observed: float | None, null: Sequence[float | None]) -> float | None:
-    v = [x for x in null if x is not None]
-    if observed is None or not v:
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (first, second) seed index of every pair of `n` seeds."""
+    pairs = np.array(list(combinations(range(n), 2)), dtype=int).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
+    """Mean over `axis` ignoring NaN; NaN where all are NaN (quietly, unlike np.nanmean)."""
+    n = (~np.isnan(x)).sum(axis)
+    return np.where(n > 0, np.nansum(x, axis) / np.maximum(n, 1), np.nan)
+
+
+def rank_agreement_draws(ranks: np.ndarray) -> np.ndarray:
+    """`rank_agreement` of each draw of (draws, seeds, modules) ranks: (draws,), NaN where no pair has a ρ."""
+    from scipy.stats import rankdata  # lazy: scipy.stats takes a while to import
+
+    r = rankdata(ranks, axis=-1)
+    z = r - r.mean(-1, keepdims=True)
+    norm = np.sqrt((z ** 2).sum(-1))
+    a, b = _pairs(ranks.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (z[:, a] * z[:, b]).sum(-1) / (norm[:, a] * norm[:, b])  # NaN for a constant side
+    return _nanmean(rho, 1)
+
+
+def triplet_agreement_draws(kept: np.ndarray) -> np.ndarray:
+    """`triplet_agreement` of each draw of (draws, seeds, modules, slots) kept masks: (draws,)."""
+    a, b = _pairs(kept.shape[1])
+    inter = (kept[:, a] & kept[:, b]).sum(-1)
+    union = (kept[:, a] | kept[:, b]).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jac = np.where(union > 0, inter / union, np.nan)  # (draws, pairs, modules)
+    return _nanmean(_nanmean(jac, 1), 1)
+
+
+def _p_upper(observed: float | None, null: np.ndarray) -> float | None:
+    v = null[~np.isnan(null)]
+    if observed is None or not v.size:
         return None
-    return (1 + sum(x >= observed - 1e-12 for x in v)) / (1 + len(v))
+    return float((1 + (v >= observed - 1e-12).sum()) / (1 + v.size))
+
+
+def _summary(v: np.ndarray, q: float | None = None) -> float | None:
+    v = v[~np.isnan(v)]
+    return None if not v.size else float(np.quantile(v, q) if q is not None else v.mean())
 
 
 def chance_levels(ranks_by_seed: Sequence[Mapping[str, int]], sizes: Mapping[str, int], draws: int = 200,
@@ -121,19 +166,11 @@ def chance_levels(ranks_by_seed: Sequence[Mapping[str, int]], sizes: Mapping[str
     ``jaccard_given_ranks``; with `observed` (``{"spearman": ..., "jaccard": ...}``) also ``spearman_p`` and
     ``jaccard_p``."""
     rng = np.random.default_rng(seed)
-    rho, jac, jac_given = [], [], []
-    for _ in range(draws):
-        drawn = [random_allocation(r, sizes, rng) for r in ranks_by_seed]
-        rho.append(rank_agreement([d[0] for d in drawn]))
-        jac.append(triplet_agreement([d[1] for d in drawn]))
-        jac_given.append(triplet_agreement([random_allocation(r, sizes, rng, permute=False)[1] for r in ranks_by_seed]))
-
-    def q95(v: list[float | None]) -> float | None:
-        v = [x for x in v if x is not None]
-        return float(np.quantile(v, 0.95)) if v else None
-
-    out = {"spearman": _mean(rho), "spearman_q95": q95(rho), "jaccard": _mean(jac), "jaccard_q95": q95(jac),
-           "jaccard_given_ranks": _mean(jac_given)}
+    _, ranks, kept = random_allocations(ranks_by_seed, sizes, draws, rng)
+    rho, jac = rank_agreement_draws(ranks), triplet_agreement_draws(kept)
+    given = triplet_agreement_draws(random_allocations(ranks_by_seed, sizes, draws, rng, permute=False)[2])
+    out = {"spearman": _summary(rho), "spearman_q95": _summary(rho, 0.95), "jaccard": _summary(jac),
+           "jaccard_q95": _summary(jac, 0.95), "jaccard_given_ranks": _summary(given)}
     if observed is not None:
         out["spearman_p"] = _p_upper(observed.get("spearman"), rho)
         out["jaccard_p"] = _p_upper(observed.get("jaccard"), jac)

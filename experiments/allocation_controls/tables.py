@@ -121,7 +121,7 @@ def render(rows: list[dict[str, Any]], chosen: dict[str, float], stability: list
               "ρ: Spearman between seeds' final per-module ranks (mean over pairs); Jaccard: kept triplets per module "
               "(mean over pairs and modules); chance: each seed's ranks permuted over the modules (the shuffled "
               "control's patterns), kept triplets uniform within a module: mean / 95th percentile, one-sided p; "
-              "Jaccard | ranks: chance with each seed's own ranks. Movement: mean over seeds of the L1 change between "
+              "Jaccard given ranks: chance with each seed's own ranks. Movement: mean over seeds of the L1 change between "
               "masking events beyond what the shrinking budget forces, and the step from which ρ with the final "
               "ranks stays >= 0.9 (`adarank/studies/stability.py`).", ""]
     body = []
@@ -134,7 +134,7 @@ def render(rows: list[dict[str, Any]], chosen: dict[str, float], stability: list
                      _num(e["jaccard"], ".2f"), f"{_num(c.get('jaccard'), '.2f')} / {_num(c.get('jaccard_q95'), '.2f')}",
                      _num(c.get("jaccard_p"), ".3g"), _num(c.get("jaccard_given_ranks"), ".2f"), _num(realloc, ".1f"),
                      _num(float(np.mean(settle)) if settle else None, ".0f")])
-    lines += _table(["task", "budget", "n", "ρ", "chance ρ", "p", "Jaccard", "chance", "p", "Jaccard | ranks",
+    lines += _table(["task", "budget", "n", "ρ", "chance ρ", "p", "Jaccard", "chance", "p", "Jaccard given ranks",
                      "reallocation L1", "settled from step"], body)
     return "\n".join(lines + ["", "![learned patterns against the shuffled chance level](stability.png)", ""])
 

@@ -32,20 +32,35 @@ def test_jaccard_and_its_means_over_pairs_and_modules():
 
 
 def test_the_null_keeps_the_histogram_within_modules_of_one_size():
-    ranks = {"a": 3, "b": 0, "c": 1, "d": 2, "e": 1}
+    seeds = [{"a": 3, "b": 0, "c": 1, "d": 2, "e": 1}, {"a": 0, "b": 2, "c": 4, "d": 0, "e": 1}]
     sizes = {"a": 4, "b": 4, "c": 4, "d": 2, "e": 2}  # d and e may only swap with each other
-    rng = np.random.default_rng(0)
-    seen = set()
-    for _ in range(50):
-        drawn, kept = st.random_allocation(ranks, sizes, rng)
-        assert sorted(drawn[n] for n in "abc") == [0, 1, 3] and sorted(drawn[n] for n in "de") == [1, 2]
-        assert all(len(kept[n]) == drawn[n] and set(kept[n]) <= set(range(sizes[n])) for n in ranks)
-        seen.add(tuple(drawn.values()))
-        given, kept_given = st.random_allocation(ranks, sizes, rng, permute=False)
-        assert given == ranks and {n: len(k) for n, k in kept_given.items()} == ranks
-    assert len(seen) > 1  # it does permute
-    again = st.random_allocation(ranks, sizes, np.random.default_rng(7))
-    assert again == st.random_allocation(ranks, sizes, np.random.default_rng(7))  # seeded
+    names, ranks, kept = st.random_allocations(seeds, sizes, 50, np.random.default_rng(0))
+    assert names == list("abcde") and ranks.shape == (50, 2, 5) and kept.shape == (50, 2, 5, 4)
+    for s, observed in enumerate(seeds):
+        want = [observed[n] for n in names]
+        assert (np.sort(ranks[:, s, :3], -1) == sorted(want[:3])).all()
+        assert (np.sort(ranks[:, s, 3:], -1) == sorted(want[3:])).all()
+    assert len({tuple(r) for r in ranks[:, 0]}) > 1  # it does permute
+    assert (kept.sum(-1) == ranks).all() and not kept[..., 3:, 2:].any()  # d and e have 2 slots
+    assert len({tuple(np.flatnonzero(k)) for k in kept[:, 0, 0]}) > 1  # and draws different slots
+    _, given, kept_given = st.random_allocations(seeds, sizes, 20, np.random.default_rng(0), permute=False)
+    assert (given == [[s[n] for n in names] for s in seeds]).all() and (kept_given.sum(-1) == given).all()
+    again = st.random_allocations(seeds, sizes, 5, np.random.default_rng(7))
+    assert all((x == y).all() for x, y in zip(again[1:], st.random_allocations(seeds, sizes, 5, np.random.default_rng(7))[1:]))
+
+
+def test_the_batched_statistics_equal_the_reference_ones_draw_by_draw():
+    rng = np.random.default_rng(3)
+    sizes = {f"m{i}": 3 + i % 3 for i in range(7)}
+    seeds = [{n: int(rng.integers(0, sizes[n] + 1)) for n in sizes} for _ in range(4)]
+    seeds.append({n: 1 for n in sizes})  # a constant seed: its pairs have no ρ
+    names, ranks, kept = st.random_allocations(seeds, sizes, 30, rng)
+    rho, jac = st.rank_agreement_draws(ranks), st.triplet_agreement_draws(kept)
+    for d in range(30):
+        as_ranks = [dict(zip(names, ranks[d, s].tolist())) for s in range(len(seeds))]
+        as_kept = [{n: np.flatnonzero(kept[d, s, i]).tolist() for i, n in enumerate(names)} for s in range(len(seeds))]
+        assert rho[d] == pytest.approx(st.rank_agreement(as_ranks))
+        assert jac[d] == pytest.approx(st.triplet_agreement(as_kept))
 
 
 def test_chance_levels_on_cases_with_known_answers():
