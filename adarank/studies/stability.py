@@ -12,8 +12,9 @@ Measures, for the runs (seeds) of one group:
 - **Triplet agreement**: per module, the Jaccard overlap |K_a ∩ K_b| / |K_a ∪ K_b| of two seeds' kept triplet
   index sets (undefined, and left out, when both are empty), averaged over pairs of seeds; then over modules.
   A triplet index names the same (P column, λ entry, Q row) slot in every seed, but the slots start from
-  each seed's own random P and Q, so agreement beyond the given-ranks chance level below says the slot order
-  itself carries information; agreement at it says only the ranks agree.
+  each seed's own random P and Q (λ from zero), so nothing ties slot j of one seed to slot j of another:
+  agreement at the given-ranks chance level below is what agreeing ranks alone give; agreement beyond it means
+  a systematic preference for some slots (e.g. the final mask's tie-break by position), not shared features.
 - **Chance levels**, from `draws` random allocations per seed, seeded (`seed`), so the same inputs give the
   same numbers:
   - *permuted histogram* (the null for both measures): each seed's per-module ranks are permuted uniformly at

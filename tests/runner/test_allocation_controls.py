@@ -120,6 +120,7 @@ def test_a_tiny_study_runs_end_to_end_into_its_tables(tmp_path, capsys):
     ada = root / "final" / "mrpc" / "adalora_r2" / "lr0.002_seed0" / "results.json"
     learned = json.loads((root / "final" / "mrpc" / "lora_learned_r2" / "lr0.002_seed0" / "results.json").read_text())
     assert learned["config"]["method"]["rank_pattern"] == str(ada.parent)  # the same seed's adalora run
+    assert learned["allocation_events"] is None and learned["kept_triplets"] is None  # a fixed-rank run has none
     assert json.loads(ada.read_text())["allocation_events"]["steps"]
     state = json.loads((root / "sweep_state.json").read_text())
     assert [e["outcome"] for e in state["jobs"]] == ["finished"] * 4 and state["left_out"] == {}

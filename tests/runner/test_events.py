@@ -1,4 +1,5 @@
-"""adarank.runner.events: the ranks at every masking event and the final kept triplets, in results.json."""
+"""adarank.runner.events: the ranks at every masking event and the final kept triplets, in results.json (a
+fixed-rank run records none: tests/runner/test_allocation_controls.py)."""
 
 from __future__ import annotations
 
@@ -58,8 +59,3 @@ def test_a_tiny_adalora_run_records_its_events_and_kept_triplets(tmp_path, monke
     assert {n: events.decode(kept[n]) for n in kept} == {
         n: m.lam.detach().nonzero().flatten().tolist() for n, m in svd_adapters(model)}
     assert (tmp_path / "out" / "results.json").stat().st_size < 60_000
-
-
-def test_a_fixed_rank_run_has_no_events(tmp_path):
-    res = run(tiny_config(tmp_path, "method=lora", "train.max_steps=3"), tmp_path / "out")
-    assert res["allocation_events"] is None and res["kept_triplets"] is None
