@@ -58,6 +58,20 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def at_chosen_lr(rows: list[dict[str, Any]], chosen: dict[str, float], warn=print) -> list[dict[str, Any]]:
+    """The rows at their group's chosen learning rate (sweep_state.json's ``chosen``, keyed "task/arm/budget");
+    a group without a recorded choice keeps its rows. Rows at another rate (a grid changed between calls) are
+    dropped with a warning, so no cell mixes rates."""
+    keep = []
+    for r in rows:
+        lr = chosen.get(f"{r['task']}/{r['arm']}/{r['budget']}")
+        if lr is None or r["lr"] == lr:
+            keep.append(r)
+        else:
+            warn(f"warning: {r['path']}: lr {r['lr']:g} is not its group's chosen {lr:g}; left out")
+    return keep
+
+
 def by_cell(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, dict[int, dict[str, Any]]]]:
     """(task, budget) -> arm -> seed -> row."""
     out: dict = defaultdict(lambda: defaultdict(dict))
@@ -149,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / "final").is_dir():
         print(f"error: {root / 'final'}: no such directory (run the driver first)", file=sys.stderr)
         return 2
-    rows = load_runs(root)
     state = json.loads((root / "sweep_state.json").read_text()) if (root / "sweep_state.json").exists() else {}
+    rows = at_chosen_lr(load_runs(root), state.get("chosen", {}), lambda m: print(m, file=sys.stderr))
     cells = by_cell(rows)
     stability = stability_entries(cells, args.draws)
     out.mkdir(parents=True, exist_ok=True)

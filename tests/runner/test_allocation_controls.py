@@ -98,6 +98,26 @@ def test_every_arm_composes_into_its_config(tmp_path):
         assert P.arm_of(asdict(cfg)) == arm
 
 
+def test_paired_tests_per_question_and_only_the_chosen_rate():
+    from scipy.stats import ttest_rel
+
+    values = {"lora_learned": [0.80, 0.82, 0.85], "lora_shuffled": [0.78, 0.81, 0.80], "svd": [0.7, 0.7, 0.7],
+              "lora": [0.71, 0.69, 0.72]}
+    rows = [{"task": "mrpc", "budget": 2, "arm": arm, "seed": s, "value": v, "lr": 1e-3, "path": f"{arm}{s}"}
+            for arm, vs in values.items() for s, v in enumerate(vs)]
+    rows.append({**rows[0], "seed": 9, "lr": 5e-3, "path": "stale"})  # a run at a rate no longer chosen
+    said = []
+    kept = tables.at_chosen_lr(rows, {"mrpc/lora_learned/2": 1e-3}, said.append)
+    assert len(kept) == 12 and len(said) == 1 and "stale: lr 0.005 is not its group's chosen 0.001" in said[0]
+    got = {(p["a"], p["b"]): p for p in tables.paired(tables.by_cell(kept))}
+    assert set(got) == {("lora_learned", "lora_shuffled"), ("svd", "lora")}  # only arms that ran
+    learned = got[("lora_learned", "lora_shuffled")]
+    assert learned["question"] == "allocation" and learned["n"] == 3
+    assert learned["mean_diff"] == pytest.approx((0.02 + 0.01 + 0.05) / 3)
+    assert learned["p"] == pytest.approx(ttest_rel(values["lora_learned"], values["lora_shuffled"]).pvalue)
+    assert got[("svd", "lora")]["question"] == "parameterisation"
+
+
 def _in_process(queue, gpus, per_gpu, launch_until, kill_at, on_end):
     """jobqueue.run_queue's contract, one job at a time in this process (a subprocess per run costs seconds)."""
     queue = [j for j in queue if not j.done()]
