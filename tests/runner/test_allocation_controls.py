@@ -135,7 +135,10 @@ def test_a_tiny_study_runs_end_to_end_into_its_tables(tmp_path, capsys):
     fast = ["model=tiny_random", "train.max_steps=10", "train.batch_size=8", f"data.dir={GLUE_FIXTURES}",
             "data.val_fraction=0.5", "data.max_train_samples=64", "data.max_eval_samples=32", "method.delta_t=2"]
     argv = ["--root", str(root), "--tasks", "mrpc", "--budgets", "2", "--lrs", "2e-3", "--seeds", "0",
-            "--arms", "adalora", "lora_learned", "--", *fast]
+            "--arms", "adalora", "lora_learned", "--stages", "final", "--", *fast]
+    # the selection as an earlier call left it (its choice is tested above): the final stage's two runs are real
+    for arm in ("adalora", "lora_learned"):
+        _finish(P.make_job(root, "select", "mrpc", arm, 2, 2e-3, 100, [], Path("x") if arm != "adalora" else None), 0.8)
     assert driver.main(argv, queue_runner=_in_process) == 0
     ada = root / "final" / "mrpc" / "adalora_r2" / "lr0.002_seed0" / "results.json"
     learned = json.loads((root / "final" / "mrpc" / "lora_learned_r2" / "lr0.002_seed0" / "results.json").read_text())
@@ -143,9 +146,11 @@ def test_a_tiny_study_runs_end_to_end_into_its_tables(tmp_path, capsys):
     assert learned["allocation_events"] is None and learned["kept_triplets"] is None  # a fixed-rank run has none
     assert json.loads(ada.read_text())["allocation_events"]["steps"]
     state = json.loads((root / "sweep_state.json").read_text())
-    assert [e["outcome"] for e in state["jobs"]] == ["finished"] * 4 and state["left_out"] == {}
+    assert [e["dir"] for e in state["jobs"]] == ["final/mrpc/adalora_r2/lr0.002_seed0",
+                                                  "final/mrpc/lora_learned_r2/lr0.002_seed0"]  # in dependency order
+    assert state["left_out"] == {} and state["chosen"] == {"mrpc/adalora/2": 2e-3, "mrpc/lora_learned/2": 2e-3}
     assert driver.main(argv, queue_runner=_in_process) == 0  # a second call finds everything done
-    assert len(json.loads((root / "sweep_state.json").read_text())["jobs"]) == 4
+    assert len(json.loads((root / "sweep_state.json").read_text())["jobs"]) == 2
 
     assert tables.main([str(root), "--out", str(tmp_path / "out"), "--draws", "5"]) == 0
     md = (tmp_path / "out" / "tables.md").read_text()
