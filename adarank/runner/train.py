@@ -22,6 +22,7 @@ from torch import nn
 from ..quant import quantize_nf4_
 from . import checkpoint as ckpt
 from . import distributed as dist_
+from . import events
 from .config import Config, TrainConfig
 from .data import Batches, encode, load_task
 from .evaluation import Evaluator
@@ -100,6 +101,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                 # ---- one optimizer step ----
                 out = unit.step()
                 loop.add_step(out.orth, out.allocation)
+                events.record(loop.history, out.allocation)  # the per-module ranks at a masking event
                 if out.allocation is not None:
                     allocation = out.allocation
                     if tc.check_masks:
