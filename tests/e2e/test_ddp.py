@@ -38,6 +38,12 @@ def _overrides(out_dir: str) -> list[str]:
     ]
 
 
+#: the checkpointing case, shorter: 6 steps (still 2 micro-batches each, so DDP's no_sync runs too) on less
+#: data, one evaluation
+CKPT_RUN = ["train.max_steps=6", "train.eval_every=6", "train.checkpoint_every=0", "train.log_every=1",
+            "data.max_train_samples=64", "data.max_eval_samples=16"]
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, fn: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -53,6 +59,20 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: str) -> None:
             res = train(cfg, os.path.join(out_dir, "run"), log=lambda *a: None)
             with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
                 json.dump({k: res[k] for k in ("final_ranks", "value", "best_value", "budget_curve", "steps")}, f)
+        elif fn == "ckpt":  # the same shorter run without, then with gradient checkpointing
+            from adarank.runner.train import train
+
+            out = {}
+            for ckpt in ("false", "true"):
+                GlobalHydra.instance().clear()
+                with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                    cfg = to_config(compose(config_name="config", overrides=[
+                        *_overrides(out_dir), *CKPT_RUN, f"train.gradient_checkpointing={ckpt}"]))
+                res = train(cfg, os.path.join(out_dir, f"ckpt_{ckpt}"), log=lambda *a: None)
+                out[ckpt] = {k: res[k] for k in ("final_ranks", "value", "budget_curve", "steps")}
+                out[ckpt]["losses"] = [e["train/loss"] for e in res["train_log"]]
+            with open(os.path.join(out_dir, f"ckpt{rank}.json"), "w") as f:
+                json.dump(out, f)
         else:  # the check itself must be able to fail
             try:
                 distributed.check_equal(info, torch.tensor([float(rank)]), "probe")
@@ -84,3 +104,16 @@ def test_mask_check_detects_ranks_that_differ(tmp_path):
     _spawn(tmp_path, "probe")
     for r in (0, 1):
         assert "differs between rank 0 and rank 1" in (tmp_path / f"probe{r}.txt").read_text()
+
+
+def test_gradient_checkpointing_under_ddp_gives_the_same_masks_and_losses(tmp_path):
+    """train.gradient_checkpointing=true with 2 gloo processes: the recomputation runs inside DDP's backward
+    (its gradient hooks fire on the recomputed graph), and every rank reaches the same masks, ranks and
+    losses, bit for bit, as without it (train.check_masks=true checks the masks across ranks at every step)."""
+    _spawn(tmp_path, "ckpt")
+    r0 = json.loads((tmp_path / "ckpt0.json").read_text())
+    r1 = json.loads((tmp_path / "ckpt1.json").read_text())
+    assert r0 == r1
+    assert r0["true"] == r0["false"]
+    assert r0["true"]["steps"] == 6 and len(r0["true"]["losses"]) == 6
+    assert sum(r0["true"]["final_ranks"].values()) == 2 * len(r0["true"]["final_ranks"])

@@ -68,7 +68,8 @@ def _assert_same_run(plain, ckpt) -> None:
 @pytest.mark.parametrize("fused", [False, True])
 def test_adalora_with_checkpointing_is_the_same_run(tmp_path, monkeypatch, fused):
     """The tiny BERT with dropout; fused: the fused layers and their sibling groups (q, k, v) recompute too."""
-    plain, ckpt = _both(tmp_path, monkeypatch, tiny_config, "method=adalora", f"method.fused={str(fused).lower()}")
+    plain, ckpt = _both(tmp_path, monkeypatch, tiny_config, "method=adalora", f"method.fused={str(fused).lower()}",
+                        "train.max_steps=10", "train.eval_every=10", "method.delta_t=1")
     _assert_same_run(plain, ckpt)
     assert sum(plain[0]["final_ranks"].values()) == 2 * len(plain[0]["final_ranks"])  # pruned to the budget
     layers = dict(svd_adapters(ckpt[1]["model"]))
@@ -81,8 +82,8 @@ def test_adalora_with_checkpointing_is_the_same_run(tmp_path, monkeypatch, fused
 def _causal(tmp_path, *extra: str):
     base = ["model=tiny_llama" if o == "model=tiny_random" else o for o in TINY]
     return adarank.runner.cli.to_config(compose_config([
-        *base, "task=bbc", "task.max_length=32", "train.max_steps=10", "data.max_train_samples=8",
-        "data.max_eval_samples=2", "train.eval_every=10", f"data.cache_dir={tmp_path / 'cache'}", *extra]))
+        *base, "task=bbc", "task.max_length=32", "train.max_steps=8", "train.batch_size=4", "data.max_train_samples=8",
+        "data.max_eval_samples=2", "train.eval_every=8", f"data.cache_dir={tmp_path / 'cache'}", *extra]))
 
 
 def test_adalora_on_the_tiny_llama_with_checkpointing_is_the_same_run(tmp_path, monkeypatch):
