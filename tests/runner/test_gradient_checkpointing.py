@@ -84,3 +84,15 @@ def test_the_preflight_refuses_it_for_mpnet_before_any_weights_load(tmp_path, mp
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("adarank: error: train.gradient_checkpointing: MPNet"), lines
     assert not (tmp_path / "run").exists()
+
+
+def test_it_is_not_part_of_what_a_run_computes():
+    """Resuming may switch it (a run that ran out of memory continues with it), and the report groups runs
+    with and without it together."""
+    from adarank.runner.resume import config_differences
+    from adarank.studies.runs import NOT_COMPUTATION
+
+    saved = {"train": {"gradient_checkpointing": False, "lr": 1e-3}}
+    assert config_differences(saved, {"train": {"gradient_checkpointing": True, "lr": 1e-3}}) == []
+    assert config_differences(saved, {"train": {"gradient_checkpointing": True, "lr": 2e-3}}) == [("train.lr", 1e-3, 2e-3)]
+    assert "train.gradient_checkpointing" in NOT_COMPUTATION
