@@ -208,6 +208,10 @@ def preflight(cfg: Config) -> int:
     model = meta_model(mc.name_or_path, None if data.task.is_causal else data.task.num_labels, mc.random_config,
                        mc.config_overrides)
     check_positions(model, cfg.task.max_length)
+    if cfg.train.gradient_checkpointing:  # the meta model has the class the run would load
+        from .gradient_checkpointing import check_supported
+
+        check_supported(model)
     spec = METHODS[m.name]
     if spec.peft:
         peft_task_type(model)  # PEFT's model class needs a known head

@@ -297,6 +297,11 @@ class TrainConfig:
     cuda_graph_shapes: int = 8
     """With cuda_graph: most distinct batch shapes to capture (lengths vary with dynamic padding);
     batches of further shapes run eagerly."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward instead of keeping them (transformers'
+    non-reentrant checkpointing): less activation memory for one more forward pass per step. The same
+    gradients and masks (adarank/runner/gradient_checkpointing.py); refused for model classes transformers
+    cannot checkpoint (MPNet)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     eval_every: int = 0
