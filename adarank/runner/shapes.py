@@ -83,7 +83,8 @@ class CompiledForward:
 
 
 def shape_record(compiler: Compiler | None, graphs: Any, buckets: Sequence[int] | None) -> dict[str, Any]:
-    """results.json's "compile" and "cuda_graph" entries (None for a run without them)."""
+    """results.json's "compile" and "cuda_graph" entries (None for a run without them); a CUDA-graph run's
+    captures are one graph per captured micro-batch shape plus the update's (again after a shrink)."""
     return {"compile": compiler.summary() if compiler is not None else None,
             "cuda_graph": {"buckets": buckets, "captures": graphs.captures} if graphs is not None else None}
 
