@@ -110,8 +110,16 @@ class DataConfig:
     """Cap each evaluation split to a fixed random subset of N rows (the same for every run). None keeps all."""
     cache_dir: Optional[str] = None
     """Tokenisation cache; null defaults to ~/.cache/adarank."""
+    length_buckets: Any = "none"
+    """Pad each training batch up to one of a few lengths, so train.compile and train.cuda_graph see few
+    shapes: none (pad to the batch's longest row), pow2 (8, 16, 32, ...), multiple:N (N, 2N, ...) or a list
+    such as [32, 64]; always ending at task.max_length (added to a list without it). Losses are unchanged
+    (the padding is masked); evaluation batches stay dynamically padded (adarank/runner/data/buckets.py)."""
 
     def __post_init__(self) -> None:
+        from .data.buckets import check_spec
+
+        check_spec(self.length_buckets)
         _check_finite(self, "data")
         _check_not_empty(self, "data", ("dir", "cache_dir"))
         _check(0 < self.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
@@ -388,6 +396,7 @@ class Config:
                    f"{self.model.quantization} freezes the base in 4 bits: only for adarank's adapter methods "
                    f"({', '.join(own_adapters)}), not {self.method.name}")
         _check(self.experiment_name != "", "experiment_name", "must not be empty")
+        self._check_buckets()
         _check(
             bool(self.model.targets) or self.method.targets is not None or bool(self.method.target_regex),
             "model.targets",
@@ -401,6 +410,15 @@ class Config:
             "float16 base weights with train.precision=fp16 would train the head in fp16, which the GradScaler "
             "refuses; use model.dtype=bfloat16 or float32, or train.precision=bf16",
         )
+
+    def _check_buckets(self) -> None:
+        from .data.buckets import resolve_buckets
+
+        buckets = resolve_buckets(self.data.length_buckets, self.task.max_length)  # names data.length_buckets
+        tc = self.train
+        _check(not tc.cuda_graph or buckets is None or len(buckets) <= tc.cuda_graph_shapes, "train.cuda_graph_shapes",
+               f"{tc.cuda_graph_shapes} is fewer than the {len(buckets or [])} data.length_buckets {buckets}: batches "
+               f"of the other widths would run eagerly; raise it or use fewer buckets")
 
 
 def register() -> None:

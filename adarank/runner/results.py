@@ -39,15 +39,17 @@ def load_finished(out_dir: str) -> dict[str, Any]:
 
 def finish_run(cfg: Config, out_dir: str, model: nn.Module, adapted: Adapted, allocation: Allocation | None,
                loop: LoopState, evaluator: Evaluator, tracker: Tracker, env: "Env", *, t_start: float,
-               step_seconds: float, timed_from: int) -> dict[str, Any]:
+               step_seconds: float, timed_from: int, shapes: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate at the last step (unless that was just done), plot, save what trained and results.json
-    (rank 0), close the tracker and remove the checkpoint; returns the results."""
+    (rank 0), close the tracker and remove the checkpoint; returns the results. `shapes`: entries added to
+    results.json (shapes.shape_record)."""
     history, step = loop.history, loop.step
     final = history["evals"][-1] if history["evals"] and history["evals"][-1]["step"] == step else evaluator.run(step, history)
     ranks = allocation.rank_dict() if allocation is not None else {}
     _plots(cfg, out_dir, ranks, history["budget_curve"], tracker, step)
     results = _results(cfg, evaluator.task, model, adapted, final, history, ranks, env, step, t_start, step_seconds,
                        timed_from)
+    results.update(shapes or {})  # "compile" and "cuda_graph": what was compiled or captured (shapes.py)
     dist = env.dist
     if dist.is_main:
         if adapted.save is not None:

@@ -23,8 +23,10 @@ from ..quant import quantize_nf4_
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from . import events
+from . import shapes
 from .config import Config, TrainConfig
 from .data import Batches, encode, load_task
+from .data.buckets import resolve_buckets
 from .evaluation import Evaluator
 from .gradient_checkpointing import enable_gradient_checkpointing
 from .methods import Adapted, apply_method, build_allocator
@@ -69,9 +71,11 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         rng = saved["rng"]
         ckpt.set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
         log(f"resumed from step {loop.step}")
-    fwd, ddp = wrap(model, env, tc.compile)
+    compiler = shapes.Compiler(tc.batch_size, data.train.buckets) if tc.compile else None
+    fwd, ddp = wrap(model, env, compiler)
     if tc.cuda_graph:
         unit.use_graphs(fwd, device.type, tc.cuda_graph_shapes)
+        shapes.warn_graph_shapes(data.train, tc.cuda_graph_shapes, log)
     tracker = make_tracker(cfg, out_dir, loop, resumed=saved is not None, enabled=dist.is_main)
     evaluator = Evaluator(model, data.eval_sets, data.task, device, env.amp, tracker)
     checkpoints = Checkpoints(out_dir, env, last=loop.step if saved is not None else None, config=asdict(cfg))
@@ -108,7 +112,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                     if tc.check_masks:
                         dist_.check_equal(dist, allocation.mask, f"the allocator mask at step {loop.step}")
                 if out.replaced and (dist.enabled or tc.compile):
-                    fwd, ddp = wrap(model, env, tc.compile)  # DDP's gradient buckets were built for the old shapes
+                    fwd, ddp = wrap(model, env, compiler)  # DDP's gradient buckets were built for the old shapes
                 unit.zero_grad()
                 if loop.step == start_step + 1 and loop.step < T:
                     # the first step carries one-off set-up (cuBLAS handles, the caching allocator): not timed
@@ -145,7 +149,8 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     # ---- results -------------------------------------------------------------------------------
     step_seconds = stop_timer(timing, unit, device)
     return finish_run(cfg, out_dir, model, adapted, allocation, loop, evaluator, tracker, env,
-                      t_start=t_start, step_seconds=step_seconds, timed_from=timing["timed_from"])
+                      t_start=t_start, step_seconds=step_seconds, timed_from=timing["timed_from"],
+                      shapes=shapes.shape_record(compiler, unit.graphs, data.train.buckets))
 
 
 # ---- set-up --------------------------------------------------------------------------------------
@@ -258,7 +263,8 @@ def prepare_data(cfg: Config, env: Env) -> RunData:
     # train.batch_size is per process: the global batch is batch_size × world_size × grad_accum
     tc, dist = cfg.train, env.dist
     train_batches = batcher(enc["train"], tc.batch_size, shuffle=True, seed=cfg.seed, rank=dist.rank,
-                            world_size=dist.world_size, pin_memory=env.device.type == "cuda")
+                            world_size=dist.world_size, pin_memory=env.device.type == "cuda",
+                            buckets=resolve_buckets(cfg.data.length_buckets, cfg.task.max_length))
     eval_sets = {k: batcher(v, tc.eval_batch_size, shuffle=False) for k, v in enc.items() if k not in ("train", "test")}
     return RunData(task, tokenizer, train_batches, eval_sets)
 
@@ -320,16 +326,15 @@ def applied_lr(cfg: Config) -> float:
     return cfg.method.lr if cfg.method.lr is not None else cfg.train.lr
 
 
-def wrap(model: nn.Module, env: Env, compile_model: bool) -> tuple[nn.Module, nn.Module]:
+def wrap(model: nn.Module, env: Env, compiler: shapes.Compiler | None) -> tuple[Callable[..., Any], nn.Module]:
     """(what the loop calls, the module whose `no_sync` it uses): DDP averages gradients across ranks,
-    compile fuses kernels."""
+    compile fuses kernels (train.compile: the compiler's forward, shapes.py)."""
     net = model
     if env.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    fwd = torch.compile(net) if compile_model else net
-    return fwd, (fwd if env.dist.enabled and not compile_model else getattr(fwd, "_orig_mod", fwd))
+    return (compiler.wrap(net) if compiler is not None else net), net
 
 
 def make_tracker(cfg: Config, out_dir: str, loop: LoopState, resumed: bool, enabled: bool) -> Tracker:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -114,16 +114,18 @@ class LMBatches(Batches):
     rows of similar length together.
 
     `Batches.batch` indexes `labels[idx]` whole, which for (N, L) labels would not match the trimmed
-    (B, width) inputs; this subclass trims them. With `shuffle`, an epoch's order is a seeded
+    (B, width) inputs; this subclass trims them (padding up to a length bucket stays within the stored
+    labels, which are -100 past each row's end). With `shuffle`, an epoch's order is a seeded
     permutation cut into windows of `window` global batches; each window is sorted by length and its
     batches are then shuffled, so a batch holds rows of similar length (little padding) while which rows
     meet still changes from epoch to epoch. Packed data has equal lengths and gets a plain permutation.
     """
 
     def __init__(self, split: EncodedLM, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, window: int = 50) -> None:
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, window: int = 50,
+                 buckets: Sequence[int] | None = None) -> None:
         super().__init__(split, batch_size, shuffle, seed=seed, drop_last=drop_last, rank=rank,
-                         world_size=world_size, pin_memory=pin_memory)
+                         world_size=world_size, pin_memory=pin_memory, buckets=buckets)
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window

@@ -1,13 +1,15 @@
-"""Batches of pre-padded tensors: index rows, trim to the longest row in the batch, no collate function."""
+"""Batches of pre-padded tensors: index rows, trim to the longest row in the batch (or up to its length
+bucket, buckets.py), no collate function."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from .buckets import padded_width
 from .tokenize import EncodedSplit
 
 
@@ -17,11 +19,13 @@ class Batches:
     The order of an epoch is a pure function of (seed, epoch), so a run resumed with the same
     `set_epoch(epoch, start_batch)` sees exactly the batches it would have seen. With `world_size > 1`
     each rank takes every `world_size`-th index of that order, padded by repetition to equal length
-    (as torch's DistributedSampler does), so all ranks run the same number of steps.
+    (as torch's DistributedSampler does), so all ranks run the same number of steps. With `buckets` (sorted
+    widths, see buckets.py) a batch is padded up to the smallest bucket that holds its longest row.
     """
 
     def __init__(self, split: EncodedSplit, batch_size: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> None:
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                 buckets: Sequence[int] | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -34,6 +38,9 @@ class Batches:
         self.rank = rank
         self.world_size = world_size
         self.pin_memory = pin_memory
+        if buckets is not None and (not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1):
+            raise ValueError(f"buckets must be increasing positive widths, got {list(buckets)}")
+        self.buckets = list(buckets) if buckets is not None else None
         self.epoch = 0
         self.start_batch = 0
 
@@ -71,10 +78,10 @@ class Batches:
             yield self.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rows `idx` trimmed to their longest row, with the attention mask derived from the lengths."""
+        """Rows `idx` trimmed to their longest row (or its bucket), with the attention mask derived from the lengths."""
         s = self.split
         lengths = s.lengths[idx]
-        width = int(lengths.max()) if len(idx) else 0
+        width = padded_width(int(lengths.max()) if len(idx) else 0, self.buckets, s.input_ids.shape[1])
         out = {
             "input_ids": s.input_ids[idx, :width].long(),
             "attention_mask": (torch.arange(width) < lengths[:, None]).long(),
