@@ -176,7 +176,7 @@ def preflight(cfg: Config) -> int:
     from ..inject import check_not_trained_in_full, unfreeze
     from ..schedule import make_schedule
     from .data import get_task
-    from .methods import METHODS, method_budget, method_targets, target_names
+    from .methods import METHODS, lora_ranks, method_budget, method_targets, target_names
     from .models import meta_model, resolve_path, tokenizer_source
     from .peft_baselines import peft_task_type
     from .train import check_cuda_graph, pick_device, total_steps
@@ -214,6 +214,8 @@ def preflight(cfg: Config) -> int:
     if spec.adapters:
         check_not_trained_in_full(model, names, method_targets(m, mc), mc.train_modules)
     unfreeze(model, mc.train_modules)
+    if m.rank_pattern is not None:  # the pattern's file, its names and its transform
+        lora_ranks(m, names)
     if spec.adaptive:
         method_budget(model, m, names)
         if known_T:
