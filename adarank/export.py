@@ -92,7 +92,7 @@ def export_peft(
                 saved[f"base_model.model.{n}.{pn}"] = p.detach().float().contiguous()
     fan_in_fan_out = any(layer.transposed for _, layer in adapters(model))
     write_peft(out_dir, factors, saved, sorted(set(modules_to_save)), fan_in_fan_out, base_model_name_or_path, task_type)
-    return {n: A.shape[0] for n, A in factors.items()}
+    return {n: A.shape[0] for n, (A, _) in factors.items()}
 
 
 def write_peft(out_dir: str, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], saved: Mapping[str, torch.Tensor],

@@ -263,14 +263,8 @@ def prepare_data(cfg: Config, env: Env) -> RunData:
 def prepare_model(cfg: Config, data: RunData, env: Env, total: int, saved: dict | None):
     """The base model with the method applied, on the device, and its allocator (None for fixed-rank
     methods); a resumed run's allocator state and trainable weights loaded."""
-    seed_everything(cfg.seed)
-    mc, tokenizer = cfg.model, data.tokenizer
-    if data.task.is_causal:
-        model = load_causal_lm(mc.name_or_path, mc.dtype, mc.random_config, len(tokenizer), mc.config_overrides)
-    else:
-        model = load_model(mc.name_or_path, data.task.num_labels, mc.dtype, mc.random_config, len(tokenizer),
-                           tokenizer.pad_token_id, mc.config_overrides)
-    quantize_base(model, cfg, env)
+    mc = cfg.model
+    model = load_base(cfg, data, env)
     adapted: Adapted = apply_method(model, cfg.method, mc)
     model = adapted.model.to(env.device)
     allocator = build_allocator(adapted, cfg.method, total)
@@ -279,6 +273,20 @@ def prepare_model(cfg: Config, data: RunData, env: Env, total: int, saved: dict 
     if saved is not None:
         ckpt.load_trainable_state(model, saved["model"])
     return model, adapted, allocator
+
+
+def load_base(cfg: Config, data: RunData, env: Env) -> nn.Module:
+    """The base model as the run's seed builds it (a random model's weights come from it), quantised where
+    model.quantization says; `adarank.export_topk` rebuilds a finished run's base with it."""
+    seed_everything(cfg.seed)
+    mc, tokenizer = cfg.model, data.tokenizer
+    if data.task.is_causal:
+        model = load_causal_lm(mc.name_or_path, mc.dtype, mc.random_config, len(tokenizer), mc.config_overrides)
+    else:
+        model = load_model(mc.name_or_path, data.task.num_labels, mc.dtype, mc.random_config, len(tokenizer),
+                           tokenizer.pad_token_id, mc.config_overrides)
+    quantize_base(model, cfg, env)
+    return model
 
 
 def quantize_base(model: nn.Module, cfg: Config, env: Env) -> None:
