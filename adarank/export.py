@@ -21,7 +21,7 @@ from torch import nn
 from .atomic import atomic_write_bytes, atomic_write_text
 from .inject import adapters
 from .layers import LoraLinear, SVDLinear
-from .topk import live_scores_check, topk_keep
+from .topk import aligned_scores, topk_keep
 
 __all__ = ["export_peft", "peft_factors", "truncate_peft", "write_peft", "save_importance", "load_importance", "PEFT_TASK_TYPES",
            "IMPORTANCE_FILE"]
@@ -78,8 +78,7 @@ def export_peft(
     if budget is not None:
         if any(not isinstance(layer, SVDLinear) for _, layer in adapters(model)):
             raise ValueError("export_peft: budget truncates SVD adapters; the model has LoRA adapters")
-        live_scores_check(model, scores)
-        keep = topk_keep(scores, budget)
+        keep = topk_keep(aligned_scores(model, scores), budget)
         factors = {n: (A[keep[n]], B[:, keep[n]]) for n, (A, B) in factors.items()}
     mods = dict(model.named_modules())
     saved: dict[str, torch.Tensor] = {}

@@ -17,7 +17,7 @@ from torch import nn
 
 from .inject import svd_adapters
 
-__all__ = ["topk_keep", "topk_ranks", "truncate_adapter", "live_scores_check"]
+__all__ = ["topk_keep", "topk_ranks", "truncate_adapter", "aligned_scores"]
 
 
 def topk_keep(scores: Mapping[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:
@@ -49,27 +49,31 @@ def topk_ranks(scores: Mapping[str, torch.Tensor], budget: int) -> dict[str, int
     return {n: int(k.sum()) for n, k in topk_keep(scores, budget).items()}
 
 
-def live_scores_check(model: nn.Module, scores: Mapping[str, torch.Tensor]) -> None:
-    """`scores` name every SVD adapter of `model` with one score per live triplet (λ ≠ 0); ValueError if not."""
+def aligned_scores(model: nn.Module, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`scores` for every SVD adapter of `model` (model order), one per live triplet (λ ≠ 0); a module with no
+    live triplet may be left out (the saved importance leaves rank-0 modules out). ValueError if they do not fit."""
     layers = dict(svd_adapters(model))
     if not layers:
         raise ValueError("budget: the model has no SVD adapters to truncate (a top-K needs an adalora run)")
-    missing = sorted(set(layers) - set(scores))
     extra = sorted(set(scores) - set(layers))
-    if missing or extra:
-        which = f"no score for {missing[0]}" if missing else f"{extra[0]} is no SVD adapter of the model"
-        raise ValueError(f"scores: {which}")
+    if extra:
+        raise ValueError(f"scores: {extra[0]} is no SVD adapter of the model")
+    out = {}
     for name, layer in layers.items():
         live = int((layer.lam != 0).sum())
-        if scores[name].numel() != live:
-            raise ValueError(f"scores: {name} has {scores[name].numel()} scores for {live} live triplets (λ ≠ 0)")
+        if name not in scores and live:
+            raise ValueError(f"scores: no score for {name}")
+        out[name] = scores.get(name, torch.zeros(0))
+        if out[name].numel() != live:
+            raise ValueError(f"scores: {name} has {out[name].numel()} scores for {live} live triplets (λ ≠ 0)")
+    return out
 
 
 @torch.no_grad()
 def truncate_adapter(model: nn.Module, scores: Mapping[str, torch.Tensor], budget: int) -> dict[str, int]:
     """Keep only the global top-`budget` triplets of `model`'s SVD adapters, in place: λ of the others is
     set to 0 (export_peft then leaves them out). Returns the rank of every module after the truncation."""
-    live_scores_check(model, scores)
+    scores = aligned_scores(model, scores)
     layers = dict(svd_adapters(model))
     keep = topk_keep(scores, budget)
     for name, layer in layers.items():
