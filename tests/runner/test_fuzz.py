@@ -115,6 +115,7 @@ CANDIDATES: dict[typing.Any, tuple[tuple[str, ...], tuple[str, ...]]] = {
     str: (("[a]", "{a: 1}"), ("nope", "''")),
     list: (("abc", "{a: 1}"), ("[]", "[nope]")),
     dict: (("abc", "[1]"), ("{nope: 1}",)),
+    typing.Any: (("[a]", "1"), ("nope", "{nope: 1}", "{}", "''")),  # a path or an inline mapping (rank_pattern)
 }
 
 #: generated cases whose fix belongs outside this suite's files: strict xfails, for the lead
