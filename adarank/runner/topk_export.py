@@ -37,6 +37,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/topk)")
     p.add_argument("--eval", action="store_true", help="score every truncation on the run's evaluation splits")
     p.add_argument("--force", action="store_true", help="replace adapters already in the output folder")
+    p.add_argument("--device", default="auto", help="where --eval computes: auto, cpu, cuda or cuda:N")
     return p.parse_args(list(argv))
 
 
@@ -77,8 +78,23 @@ def export_topk(run_dir: str, budgets: Sequence[int], out: str | None = None, fo
     return {k: truncate_peft(adapter, d, k, scores) for k, d in dirs.items()}
 
 
-def evaluate_adapters(run_dir: str, adapters: dict[int, str]) -> dict[int, dict[str, float]]:
-    """Each adapter folder's metrics on the run's evaluation splits, the base rebuilt as the run built it."""
+def check_device(device: str) -> str:
+    """`device` if this machine has it; TopkError naming --device otherwise."""
+    from .config import TrainConfig
+    from .train import pick_device
+
+    try:
+        pick_device(TrainConfig(device=device).device)
+    except ValueError as e:
+        raise TopkError("--device" + str(e).removeprefix("train.device")) from None
+    return device
+
+
+def evaluate_adapters(run_dir: str, adapters: dict[int, str], device: str = "auto") -> dict[int, dict[str, float]]:
+    """Each adapter folder's metrics on the run's evaluation splits, the base rebuilt as the run built it, on
+    `device` (not the run's: a GPU run can be scored on a CPU)."""
+    import dataclasses
+
     from omegaconf import OmegaConf
     from peft import PeftModel
 
@@ -93,6 +109,7 @@ def evaluate_adapters(run_dir: str, adapters: dict[int, str]) -> dict[int, dict[
     if cfg.model.quantization != "none":
         raise TopkError("--eval: the run's base is quantised (model.quantization); PEFT loads these adapters on a "
                         "dense base only")
+    cfg.train = dataclasses.replace(cfg.train, device=check_device(device), cuda_graph=False)  # scoring needs no graphs
     env = setup_env(cfg.train, lambda *a, **k: None)
     data = prepare_data(cfg, env)
     base = load_base(cfg, data, env)
@@ -133,6 +150,8 @@ def write_table(out: str, rows: list[dict[str, Any]], metric: str, final_budget:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Export, and with --eval score and tabulate; returns the table's rows (empty without --eval)."""
     results, scores = check_run(args.run_dir)
+    if args.eval:
+        check_device(args.device)  # before anything is written
     out = args.out or os.path.join(args.run_dir, "topk")
     ranks = export_topk(args.run_dir, args.budget, out, args.force)
     for k, r in ranks.items():
@@ -142,7 +161,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     total = sum(s.numel() for s in scores.values())
     # the untruncated adapter too: the run itself, at the budget it trained at
     folders = {k: os.path.join(out, f"budget_{k}") for k in ranks} | {total: os.path.join(args.run_dir, "adapter")}
-    metrics = evaluate_adapters(args.run_dir, folders)
+    metrics = evaluate_adapters(args.run_dir, folders, args.device)
     rows = [{"budget": k, "truncated": k < total, "ranks": ranks.get(k), "metrics": metrics[k]} for k in sorted(metrics)]
     from .data import get_task
 

@@ -89,7 +89,8 @@ def test_bad_run_dirs_budgets_and_existing_outputs_are_one_line_errors(finished,
     cases = [([str(tmp_path / "nope"), "--budget", "3"], "RUN_DIR: "),
              ([str(tmp_path / "lora"), "--budget", "3"], "only an adalora run saves its final importance"),
              ([str(run_dir), "--budget", "3", "25", *out], "--budget: 25 is outside [1, 24]"),
-             ([str(run_dir), "--budget", "0", *out], "--budget: 0 is outside")]
+             ([str(run_dir), "--budget", "0", *out], "--budget: 0 is outside"),
+             ([str(run_dir), "--budget", "3", "--eval", "--device", "gpu", *out], "--device: must be auto")]
     for argv, want in cases:
         assert topk_export.main(argv) == topk_export.EXIT_USAGE
         err = capsys.readouterr().err.strip()
