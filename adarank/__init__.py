@@ -18,6 +18,7 @@ from .inject import ParamReport, adapters, find_targets, inject, param_report, s
 from .layers import LoraLinear, SVDLinear
 from .orth import orth_grad_, orth_penalty
 from .schedule import Budget, Schedule, budget_at, make_schedule, resolve_budget
+from .topk import topk_keep, truncate_adapter
 
 __all__ = [
     "Allocation",
@@ -40,5 +41,7 @@ __all__ = [
     "param_report",
     "resolve_budget",
     "svd_adapters",
+    "topk_keep",
+    "truncate_adapter",
 ]
 

@@ -76,6 +76,8 @@ class RankAllocator:
         self.shrunk = False
         self._ema_ipt: torch.Tensor | None = None  # flat, in the allocator's group-major layout
         self._ema_unc: torch.Tensor | None = None
+        #: the scores of the final allocation (flat, module order, the current triplets), None before it
+        self.final_scores: torch.Tensor | None = None
         dev = self.layers[0].lam.device
         self.mask = torch.ones(self.init_total, dtype=torch.bool, device=dev)
         self._build_index()
@@ -211,8 +213,7 @@ class RankAllocator:
             # No importance measured yet (e.g. the only step so far was skipped by the fp16 scaler):
             # all-zero scores would tie and prune everything, so the mask stays as it is.
             return None
-        # A final allocation with no importance measured falls back to |λ|, so the budget still holds.
-        scores = self.triplet_scores() if self._ema_ipt is not None or magnitude else self._magnitude()
+        scores = self._allocation_scores()
         threshold = torch.kthvalue(scores, k).values
         if exact or magnitude:
             mask = torch.zeros_like(self.mask)
@@ -222,6 +223,22 @@ class RankAllocator:
             self.mask = scores > threshold
         self.apply_mask()
         return threshold
+
+    def _allocation_scores(self) -> torch.Tensor:
+        """The scores a mask is computed from: a final allocation with no importance measured falls back to
+        |λ|, so the budget still holds."""
+        measured = self._ema_ipt is not None or self.score == "magnitude"
+        return self.triplet_scores() if measured else self._magnitude()
+
+    @torch.no_grad()
+    def final_importance(self) -> dict[str, torch.Tensor] | None:
+        """The scores of the final allocation, per module, one per live triplet (λ ≠ 0, in order: the rows of
+        its exported lora_A), on the CPU; None before the final allocation. They order every kept triplet
+        globally, so `adarank.topk` can truncate the run to any smaller budget."""
+        if self.final_scores is None:
+            return None
+        per_module = self.final_scores.float().cpu().split(self.sizes)
+        return {n: s[(m.lam.detach() != 0).cpu()].clone() for n, m, s in zip(self.names, self.layers, per_module)}
 
     def _magnitude(self) -> torch.Tensor:
         return torch.cat([m.lam.detach() for m in self.layers]).abs()
@@ -256,7 +273,8 @@ class RankAllocator:
                 threshold, masked = self.mask_to_budget(budget), True
         elif not self.frozen:
             # The final allocation at t = T - t_f (PEFT's force_mask; like PEFT, no importance update
-            # at this step). Afterwards the mask is fixed and the EMAs are freed.
+            # at this step). Afterwards the mask is fixed and the EMAs are freed; the scores it used are kept.
+            self.final_scores = self._allocation_scores().clone()
             threshold, masked = self.mask_to_budget(self.target_total, exact=True), True
             budget = self.target_total
             self.frozen = True
@@ -277,6 +295,8 @@ class RankAllocator:
         if optimizer is not None:
             remap_optimizer(optimizer, swaps)
         self.shrunk = True
+        if self.final_scores is not None:  # they follow the kept triplets, as the parameters do
+            self.final_scores = self.final_scores[self.mask]
         self.mask = torch.ones(sum(m.r for m in self.layers), dtype=torch.bool, device=self.mask.device)
         self._build_index()
 
@@ -302,6 +322,7 @@ class RankAllocator:
             "ema_unc": None if self._ema_unc is None else self._ema_unc.clone(),
             "init_total": self.init_total,
             "target_total": self.target_total,
+            "final_scores": None if self.final_scores is None else self.final_scores.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -329,3 +350,5 @@ class RankAllocator:
             if v is not None and v.numel() != self._numel:
                 raise ValueError(f"allocator state: {key} has {v.numel()} entries, the adapters have {self._numel}")
             setattr(self, "_" + key, None if v is None else v.to(dev))
+        final = state.get("final_scores")  # absent from the checkpoints of older versions
+        self.final_scores = None if final is None else final.to(dev)

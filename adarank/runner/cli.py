@@ -177,7 +177,7 @@ def preflight(cfg: Config) -> int:
     from ..increlora import check_growth
     from ..schedule import make_schedule
     from .data import get_task
-    from .methods import METHODS, method_budget, method_targets, target_names
+    from .methods import METHODS, lora_ranks, method_budget, method_targets, target_names
     from .models import meta_model, resolve_path, tokenizer_source
     from .peft_baselines import peft_task_type
     from .train import check_cuda_graph, pick_device, total_steps
@@ -219,6 +219,8 @@ def preflight(cfg: Config) -> int:
     if spec.adapters:
         check_not_trained_in_full(model, names, method_targets(m, mc), mc.train_modules)
     unfreeze(model, mc.train_modules)
+    if m.rank_pattern is not None:  # the pattern's file, its names and its transform
+        lora_ranks(m, names)
     if spec.adaptive:
         budget = method_budget(model, m, names)
         if known_T:

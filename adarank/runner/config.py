@@ -133,7 +133,8 @@ class MethodConfig:
     """The fine-tuning method and its hyperparameters."""
 
     name: str = "adalora"
-    """full, lora, rslora, adalora (ours), increlora (rank growth), peft_lora or peft_adalora (PEFT's implementations)."""
+    """full, lora, rslora, adalora (ours), increlora (rank growth), svd (adalora's adapter, no allocation), peft_lora
+    or peft_adalora (PEFT's implementations)."""
     r: int = 8
     """LoRA rank; for adalora/peft_adalora the target average rank (the final budget)."""
     alpha: float = 16.0
@@ -192,12 +193,12 @@ class MethodConfig:
     """increlora: modules that gain rank at each growth step (every delta_t steps after init_frac·T)."""
     grow_by: int = 1
     """increlora: triplets each chosen module gains at a growth step (the reference's incre_rank_num)."""
-    rank_pattern: Optional[str] = None
-    """lora/rslora: per-module ranks instead of method.r, from a finished run's folder or results.json
-    (final_ranks) or an exported adapter/ (rank_pattern); rank 0 leaves a module unadapted. Scale per
-    module: α/r_i (α/√r_i with rslora). null: method.r everywhere."""
+    rank_pattern: Optional[Any] = None
+    """lora/rslora/svd: per-module ranks instead of method.r, from a finished run's folder or results.json
+    (final_ranks) or an exported adapter/ (rank_pattern), or inline as {module name: rank}; rank 0 leaves a
+    module unadapted. Scale per module: α/r_i (α/√r_i with rslora). null: method.r everywhere."""
     rank_pattern_transform: Optional[str] = None
-    """lora/rslora with rank_pattern: a control, shuffle (seeded by rank_pattern_seed), uniform (same total
+    """lora/rslora/svd with rank_pattern: a control, shuffle (seeded by rank_pattern_seed), uniform (same total
     rank spread evenly) or reverse_layers; null uses the pattern as it is."""
     rank_pattern_seed: int = 0
     """Seed of the shuffle transform."""
@@ -254,11 +255,20 @@ class MethodConfig:
                 _check(self.r <= self.init_rank, "method.r", f"target rank {self.r} exceeds method.init_rank {self.init_rank}")
 
     def _check_rank_pattern(self) -> None:
-        from ..rank_pattern import TRANSFORMS
+        from collections.abc import Mapping
+
+        from ..rank_pattern import TRANSFORMS, load_rank_pattern
+        from .methods import METHODS
 
         _check_not_empty(self, "method", ("rank_pattern",))
-        _check(self.rank_pattern is None or self.name in ("lora", "rslora"), "method.rank_pattern",
-               f"only for lora and rslora, not {self.name}")
+        takes = [n for n, spec in METHODS.items() if spec.rank_pattern]
+        _check(self.rank_pattern is None or self.name in takes, "method.rank_pattern",
+               f"only for {', '.join(takes)}, not {self.name}")
+        _check(self.rank_pattern is None or isinstance(self.rank_pattern, (str, Mapping)), "method.rank_pattern",
+               f"must be a path or an inline {{module: rank}} mapping, got {self.rank_pattern!r}")
+        if isinstance(self.rank_pattern, Mapping):  # an inline pattern is checked here; files by the preflight
+            _check(len(self.rank_pattern) > 0, "method.rank_pattern", "the inline mapping is empty")
+            load_rank_pattern(self.rank_pattern)
         _check(self.rank_pattern_transform is None or self.rank_pattern is not None, "method.rank_pattern_transform",
                "needs method.rank_pattern")
         _check(self.rank_pattern_transform in (None, *TRANSFORMS), "method.rank_pattern_transform",

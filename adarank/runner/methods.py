@@ -20,7 +20,7 @@ from torch import nn
 from ..allocation import Allocator
 from ..allocator import RankAllocator
 from ..atomic import atomic_write_bytes
-from ..export import export_peft
+from ..export import export_peft, save_importance
 from ..increlora import IncreLoraAllocator
 from ..inject import ParamReport, check_not_trained_in_full, find_targets, inject, param_report, svd_adapters
 from ..layers import base_dims
@@ -65,6 +65,7 @@ class MethodSpec:
     adapters: bool = True  # adds adapters to the targets (full fine-tuning trains the targets themselves)
     peft: bool = False  # built by PEFT: needs the peft package and a known model head
     grows: bool = False  # starts at method.init_rank (default 1) and grows to the budget (adaptive methods)
+    rank_pattern: bool = False  # method.rank_pattern applies (fixed per-module ranks)
 
 
 def method_targets(method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> list[str]:
@@ -142,10 +143,11 @@ def final_average_rank(target_total: int, n_modules: int) -> float:
     return int(avg) if avg == int(avg) else round(avg, 3)
 
 
-def _save_export(model: nn.Module, model_cfg: "ModelConfig") -> Callable[[str], None]:
+def _save_export(model: nn.Module, model_cfg: "ModelConfig",
+                 importance: Callable[[], dict[str, torch.Tensor] | None] = lambda: None) -> Callable[[str], None]:
     """Writes `adapter/` in PEFT's LoRA format, naming the base model and the task type so that
     `AutoPeftModel*.from_pretrained(adapter_dir)` finds them (no base for a random or GGUF model: nothing could
-    load those by path)."""
+    load those by path), and the final importance scores beside it where `importance()` has them."""
     from .models import resolve_path
 
     name = model_cfg.name_or_path
@@ -155,8 +157,16 @@ def _save_export(model: nn.Module, model_cfg: "ModelConfig") -> Callable[[str], 
         task_type = peft_baselines.peft_task_type(model)
     except ValueError:  # a model of another class: PEFT's plain PeftModel
         task_type = None
-    return lambda out_dir: export_peft(model, os.path.join(out_dir, "adapter"), base_model_name_or_path=base,
-                                       modules_to_save=list(model_cfg.train_modules), task_type=task_type)
+
+    def save(out_dir: str) -> None:
+        adapter_dir = os.path.join(out_dir, "adapter")
+        export_peft(model, adapter_dir, base_model_name_or_path=base, modules_to_save=list(model_cfg.train_modules),
+                    task_type=task_type)
+        scores = importance()
+        if scores is not None:  # a top-K truncation of the run (adarank.export_topk) reads them
+            save_importance(adapter_dir, scores)
+
+    return save
 
 
 # ---- the builders ----------------------------------------------------------------------------------
@@ -190,7 +200,8 @@ def build_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelCo
 
 
 def lora_ranks(method_cfg: "MethodConfig", names: list[str]) -> dict[str, int] | None:
-    """The per-module ranks of method.rank_pattern (after its control transform), None without one."""
+    """The per-module ranks of method.rank_pattern (after its control transform), None without one (lora,
+    rslora and svd read it)."""
     m = method_cfg
     if m.rank_pattern is None:
         return None
@@ -206,35 +217,54 @@ def build_rslora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "Model
     return build_lora(model, method_cfg, model_cfg, rslora=True)
 
 
+def svd_parts(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig", rank: int,
+              ranks: dict[str, int] | None = None) -> tuple[ParamReport, Optional[OrthGrad]]:
+    """adalora's parameterisation: SVD adapters P·diag(λ)·Q at `rank` (or the per-module `ranks`, 0 leaving a
+    module unadapted), scale α/r, and the orthogonal regulariser (None at method.orth_weight=0)."""
+    m = method_cfg
+    rep = inject(model, "svd", rank, m.alpha, method_targets(m, model_cfg), m.target_regex, m.dropout, m.rslora,
+                 list(model_cfg.train_modules), DTYPES[m.adapter_dtype], m.fused, ranks)
+    layers = [layer for _, layer in svd_adapters(model)]
+    return rep, (OrthGrad(layers, m.orth_weight, m.orth_form) if m.orth_weight > 0 else None)
+
+
 def build_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
     """Ours: SVD adapters at the initial rank, the orthogonal regulariser, `RankAllocator` (shrinking at the
-    final budget with `method.shrink`)."""
-    m, targets = method_cfg, method_targets(method_cfg, model_cfg)
+    final budget with `method.shrink`); the final importance scores are saved beside the adapter."""
+    m = method_cfg
     names = target_names(model, m, model_cfg)
     budget = method_budget(model, m, names)
-    train_modules = list(model_cfg.train_modules)
-    rep = inject(model, "svd", budget.init_rank, m.alpha, targets, m.target_regex, m.dropout, m.rslora, train_modules,
-                 DTYPES[m.adapter_dtype], m.fused)
-    layers = [layer for _, layer in svd_adapters(model)]
-    reg = OrthGrad(layers, m.orth_weight, m.orth_form) if m.orth_weight > 0 else None
+    rep, reg = svd_parts(model, m, model_cfg, budget.init_rank)
+    built: list[RankAllocator] = []  # the allocator this run made (a replaced make_allocator makes none)
 
     def make_allocator(schedule: Schedule) -> RankAllocator:
-        return RankAllocator(svd_adapters(model), schedule, budget.target_total, m.beta1, m.beta2, m.score,
-                             shrink_at_final=m.shrink)
+        built.append(RankAllocator(svd_adapters(model), schedule, budget.target_total, m.beta1, m.beta2, m.score,
+                                   shrink_at_final=m.shrink))
+        return built[-1]
 
+    importance = lambda: built[-1].final_importance() if built else None  # noqa: E731
     return Adapted(model, rep, m.name, budget.target_total, budget.init_rank, reg, names, make_allocator,
-                   _save_export(model, model_cfg), final_average_rank(budget.target_total, len(names)))
+                   _save_export(model, model_cfg, importance), final_average_rank(budget.target_total, len(names)))
+
+
+def build_svd(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """The SVD adapter without pruning: adalora's parameterisation and regulariser at rank method.r (or
+    method.rank_pattern) everywhere, no allocation. A control for what the allocation adds."""
+    m = method_cfg
+    names = target_names(model, m, model_cfg)
+    ranks = lora_ranks(m, names)
+    rep, reg = svd_parts(model, m, model_cfg, m.r, ranks)
+    final = m.r if ranks is None else final_average_rank(sum(ranks.values()), len(names))
+    return Adapted(model, rep, m.name, orth_grad=reg, targets=names, save=_save_export(model, model_cfg), final_rank=final)
 
 
 def build_increlora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
     """IncreLoRA: SVD adapters at method.init_rank (1 by default) growing to the budget adalora would resolve
     (`IncreLoraAllocator`), with the orthogonal regulariser."""
-    m, targets = method_cfg, method_targets(method_cfg, model_cfg)
+    m = method_cfg
     names = target_names(model, m, model_cfg)
     budget = method_budget(model, m, names)
-    rep = inject(model, "svd", budget.init_rank, m.alpha, targets, m.target_regex, m.dropout, m.rslora, list(model_cfg.train_modules),
-                 DTYPES[m.adapter_dtype], m.fused)
-    reg = OrthGrad([layer for _, layer in svd_adapters(model)], m.orth_weight, m.orth_form) if m.orth_weight > 0 else None
+    rep, reg = svd_parts(model, m, model_cfg, budget.init_rank)
     seed = torch.initial_seed()  # the run's seed (set before the model was built): the new triplets' draws
 
     def make_allocator(schedule: Schedule) -> IncreLoraAllocator:
@@ -275,10 +305,11 @@ def build_peft_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: 
 #: in conf/method/ (README: "Adding an allocation method").
 METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec(build_full, adapters=False),
-    "lora": MethodSpec(build_lora, fusable=True),
-    "rslora": MethodSpec(build_rslora, fusable=True),
+    "lora": MethodSpec(build_lora, fusable=True, rank_pattern=True),
+    "rslora": MethodSpec(build_rslora, fusable=True, rank_pattern=True),
     "adalora": MethodSpec(build_adalora, adaptive=True, fusable=True),
     "increlora": MethodSpec(build_increlora, adaptive=True, fusable=True, grows=True),
+    "svd": MethodSpec(build_svd, fusable=True, rank_pattern=True),
     "peft_lora": MethodSpec(build_peft_lora, peft=True),
     "peft_adalora": MethodSpec(build_peft_adalora, adaptive=True, peft=True),
 }

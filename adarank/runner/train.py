@@ -272,6 +272,21 @@ def prepare_data(cfg: Config, env: Env) -> RunData:
 def prepare_model(cfg: Config, data: RunData, env: Env, total: int, saved: dict | None):
     """The base model with the method applied, on the device, and its allocator (None for fixed-rank
     methods); a resumed run's allocator state and trainable weights loaded."""
+    mc = cfg.model
+    model = load_base(cfg, data, env)
+    adapted: Adapted = apply_method(model, cfg.method, mc)
+    model = adapted.model.to(env.device)
+    allocator = build_allocator(adapted, cfg.method, total)
+    if saved is not None and allocator is not None:
+        allocator.load_state_dict(saved["allocator"])  # may shrink layers: before building the optimizer
+    if saved is not None:
+        ckpt.load_trainable_state(model, saved["model"])
+    return model, adapted, allocator
+
+
+def load_base(cfg: Config, data: RunData, env: Env) -> nn.Module:
+    """The base model as the run's seed builds it (a random model's weights come from it), quantised where
+    model.quantization says; `adarank.export_topk` rebuilds a finished run's base with it."""
     seed_everything(cfg.seed)
     mc, tokenizer = cfg.model, data.tokenizer
     if data.task.is_causal:
@@ -282,14 +297,7 @@ def prepare_model(cfg: Config, data: RunData, env: Env, total: int, saved: dict 
     if cfg.train.gradient_checkpointing:  # on the transformers model itself, before adapters wrap its layers
         enable_gradient_checkpointing(model)
     quantize_base(model, cfg, env)
-    adapted: Adapted = apply_method(model, cfg.method, mc)
-    model = adapted.model.to(env.device)
-    allocator = build_allocator(adapted, cfg.method, total)
-    if saved is not None and allocator is not None:
-        allocator.load_state_dict(saved["allocator"])  # may shrink layers: before building the optimizer
-    if saved is not None:
-        ckpt.load_trainable_state(model, saved["model"])
-    return model, adapted, allocator
+    return model
 
 
 def quantize_base(model: nn.Module, cfg: Config, env: Env) -> None:

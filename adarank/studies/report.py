@@ -115,6 +115,7 @@ def load_row(path: Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
     row = {c: data.get(c) for c in RESULT_COLUMNS}
+    row["method"] = method_label(data)
     row["budget"] = None if row["budget"] is None else int(row["budget"])
     row["seed"] = int(row["seed"])
     row["lr"] = applied_lr(data)
@@ -131,8 +132,22 @@ def load_row(path: Path) -> dict[str, Any]:
     return row
 
 
+def method_label(data: dict[str, Any]) -> str:
+    """The method, and for a run given a rank pattern which control it is: `lora[pattern]` (as learned),
+    `lora[shuffle]` (`lora[shuffle/type]` within a matrix type), `svd[uniform]`, ...: the controls of one
+    method and budget are groups of their own, compared with each other like methods."""
+    method = get_nested(data, "config", "method")
+    if not isinstance(method, dict) or method.get("rank_pattern") is None:
+        return data["method"]
+    control = method.get("rank_pattern_transform") or "pattern"
+    if control == "shuffle" and method.get("rank_pattern_within"):
+        control += "/" + method["rank_pattern_within"]
+    return f"{data['method']}[{control}]"
+
+
 def _method_key(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    base = method.split("[", 1)[0]  # a control sorts with its method
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def _budget_key(budget: int | None) -> int:

@@ -29,7 +29,7 @@ RESULT_KEYS = {
     "allocation_events", "kept_triplets",  # the ranks at each masking event, the final kept triplets (issue 19)
     "compile", "cuda_graph",  # what train.compile compiled, what train.cuda_graph captured (issue 21)
 }
-METHODS = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
+METHODS = ("full", "lora", "rslora", "adalora", "svd", "peft_lora", "peft_adalora")
 EXPERIMENTS = sorted(p.stem for p in Path(adarank.runner.cli.CONF_DIR, "experiment").glob("*.yaml"))
 
 # The tiny random BERT under config.yaml's method.r=2: 2 layers x 6 adapted matrices (q, k, v, attention
@@ -66,7 +66,7 @@ def test_every_method_runs_20_steps(tmp_path, monkeypatch, method):
     # the local record: every logged step (log_every=10 -> steps 10 and 20), every evaluation, the throughput
     assert [e["step"] for e in res["train_log"]] == [10, 20]
     assert all(math.isfinite(e["train/loss"]) and e["train/lr"] >= 0 for e in res["train_log"])
-    if method in ("lora", "rslora", "adalora"):  # the monitor watches our adapters (PEFT's are its own)
+    if method in ("lora", "rslora", "adalora", "svd"):  # the monitor watches our adapters (PEFT's are its own)
         assert all(e["norm/max"] >= e["norm/mean"] > 0 for e in res["train_log"])
     assert res["evals"][-1] == res["metrics"]["final"]
     assert 0 < res["train_seconds"] < res["seconds"] and res["steps_per_second"] > 0 and res["world_size"] == 1

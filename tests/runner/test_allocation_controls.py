@@ -21,7 +21,6 @@ import driver  # noqa: E402
 import plan as P  # noqa: E402
 import tables  # noqa: E402
 
-HAS_SVD = (Path(adarank.runner.cli.CONF_DIR) / "method" / "svd.yaml").exists()  # method=svd: issue 19, part 3
 
 
 def test_the_grid_has_every_arm_task_budget_and_seed(tmp_path):
@@ -85,8 +84,6 @@ def test_pattern_arms_wait_for_the_matching_adalora_run(tmp_path):
 def test_every_arm_composes_into_its_config(tmp_path):
     pattern = tmp_path / "final" / "cola" / "adalora_r8" / "lr0.002_seed3"
     for arm, a in P.ARMS.items():
-        if arm == "svd" and not HAS_SVD:
-            continue  # conf/method/svd.yaml comes with issue 19's part 3 (another branch)
         job = P.make_job(tmp_path, "final", "cola", arm, 8, 2e-3, 3, ["wandb.mode=disabled"], pattern if a.pattern else None)
         cfg = adarank.runner.cli.to_config(compose_config(job.overrides))
         m = cfg.method

@@ -115,7 +115,12 @@ CANDIDATES: dict[typing.Any, tuple[tuple[str, ...], tuple[str, ...]]] = {
     str: (("[a]", "{a: 1}"), ("nope", "''")),
     list: (("abc", "{a: 1}"), ("[]", "[nope]")),
     dict: (("abc", "[1]"), ("{nope: 1}",)),
-    typing.Any: (("{a: 1}", "true"), ("pow2", "multiple:0", "[32]", "[]")),  # data.length_buckets: a form or a list
+}
+
+#: fields typed `Any` (each accepts several forms), per field: wrong values, then candidates of a right form
+FIELD_CANDIDATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "data.length_buckets": (("{a: 1}", "true"), ("pow2", "multiple:0", "[32]", "[]")),  # a form or a list
+    "method.rank_pattern": (("[a]", "1"), ("nope", "{nope: 1}", "{}", "''")),  # a path or an inline mapping
 }
 
 #: generated cases whose fix belongs outside this suite's files: strict xfails, for the lead
@@ -126,7 +131,10 @@ def field_cases() -> list:
     cases = []
     for key, tp in config_fields():
         base, optional = _unwrap(tp)
-        wrong, candidates = CANDIDATES[typing.get_origin(base) or base]  # a new kind of field needs an entry
+        if base is typing.Any:  # a new field of type Any needs its own entry
+            wrong, candidates = FIELD_CANDIDATES[key]
+        else:  # a new kind of field needs an entry
+            wrong, candidates = CANDIDATES[typing.get_origin(base) or base]
         kinds = [("wrong", v) for v in wrong] + [("range", v) for v in candidates]
         kinds.append(("range" if optional else "wrong", "null"))  # null: valid for Optional, a type error else
         for kind, v in kinds:

@@ -537,3 +537,22 @@ def test_the_model_of_older_results_comes_from_the_config():
               "train": {"lr": 1e-3, "epochs": 3.0, "compile": True}, "method": {"targets": ["query"], "fused": True}}
     assert computation_config({"config": config}) == {"task.name": '"rte"', "task.max_length": "64",
                                                       "train.epochs": "3.0", "method.targets": '["query"]'}
+
+
+def test_rank_pattern_controls_are_groups_of_their_own(tmp_path, capsys):
+    """The learned pattern and its controls share a method and a budget: each is its own row, paired with the
+    others over seeds, sorted with its method."""
+    for seed in range(2):
+        _write(tmp_path, "rte", "adalora", 2, seed, 0.60 + seed / 100)
+        _write(tmp_path, "rte", "lora", 2, seed, 0.58, sub="p", config={"method": {"rank_pattern": "runs/ada"}})
+        _write(tmp_path, "rte", "lora", 2, seed, 0.55, sub="s", config={"method": {
+            "rank_pattern": "runs/ada", "rank_pattern_transform": "shuffle", "rank_pattern_within": "type"}})
+        _write(tmp_path, "rte", "svd", 2, seed, 0.57, sub="u", config={"method": {
+            "rank_pattern": {"a": 1}, "rank_pattern_transform": "uniform"}})
+    code, _, err = _run([tmp_path, "--out", tmp_path / "o"], capsys)
+    assert code == 0 and "duplicate" not in err
+    md = (tmp_path / "o" / "summary.md").read_text()
+    methods = [line.split(" | ")[2] for line in md.split("## Mean", 1)[1].split("##", 1)[0].splitlines()
+               if line.startswith("| rte")]
+    assert methods == ["lora[pattern]", "lora[shuffle/type]", "adalora", "svd[uniform]"]
+    assert "adalora - lora[shuffle/type]" in md
