@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_
 from .config import Config, TrainConfig
 from .data import Batches, encode, load_task
+from .eva_init import InitData
 from .evaluation import Evaluator
 from .methods import Adapted, apply_method, build_allocator
 from .models import load_causal_lm, load_model, load_tokenizer
@@ -272,6 +273,8 @@ def prepare_model(cfg: Config, data: RunData, env: Env, total: int, saved: dict 
                            tokenizer.pad_token_id, mc.config_overrides)
     quantize_base(model, cfg, env)
     adapted: Adapted = apply_method(model, cfg.method, mc)
+    if adapted.init_from_data is not None:  # eva: ranks and A from training batches (resuming: the checkpoint's)
+        adapted.init_from_data(InitData(data.train, env.device, env.dist, saved, env.log))
     model = adapted.model.to(env.device)
     allocator = build_allocator(adapted, cfg.method, total)
     if saved is not None and allocator is not None:
