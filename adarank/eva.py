@@ -19,8 +19,8 @@ fitting and resumes if the redistribution later asks it for more components. Whe
 * a layer gets at most its input width of components (PEFT raises when round(ρ·r) exceeds it);
 * a layer whose input has no token axis (BERT's pooler reads one vector per row) uses every row
   (PEFT's language-modelling input function cannot index such an input and fails);
-* with `whiten`, layers that share an SVD are each divided by √σ once (PEFT divides the shared
-  components in place, so a second layer sharing them is divided twice).
+* with `whiten`, each layer's A is divided by √σ once; PEFT divides a shared SVD's components in place,
+  once for every layer sharing it, so each of n layers with one input ends up divided by σ^(n/2).
 """
 
 from __future__ import annotations
