@@ -184,9 +184,7 @@ def eva(model: nn.Module, names: Sequence[str], batches: Iterable[Mapping[str, t
                     break
                 state["active"] = {n for n, done in flags.items() if not done}
             if max_forwards is not None and forwards >= max_forwards:
-                late = [n for n, done in flags.items() if not done] or list(names)
-                raise EvaNotConverged(f"eva: {', '.join(late[:3])}{' ...' if len(late) > 3 else ''} not converged "
-                                      f"after {forwards} forward passes (tau={tau})")
+                raise EvaNotConverged(_not_converged(flags, svds, max_comp, forwards, tau))
             batch = {k: v.to(device) for k, v in batch.items()}
             state["mask"] = token_mask(batch, use_label_mask)
             captured.clear()
@@ -212,6 +210,21 @@ def eva(model: nn.Module, names: Sequence[str], batches: Iterable[Mapping[str, t
             h.remove()
         model.train(was_training)
     return _result(names, rank_dist, shared, svds, whiten, forwards, max_comp)
+
+
+def _not_converged(flags: dict[str, bool], svds: "_Svds | None", max_comp: dict[str, int], forwards: int,
+                   tau: float) -> str:
+    """Which layers held the SVD up: never fitted (fewer rows per batch than components), or not converged."""
+    starved = [n for n in flags if svds is not None and not svds.fitted(n)]
+    if starved:
+        return (f"eva: {_few(starved)} got fewer rows per batch than its {max_comp[starved[0]]} components in "
+                f"{forwards} forward passes: use larger batches or a smaller rank")
+    late = [n for n, done in flags.items() if not done] or list(max_comp)
+    return f"eva: {_few(late)} not converged after {forwards} forward passes (tau={tau})"
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _groups(shared: Mapping[str, str]) -> list[list[str]]:

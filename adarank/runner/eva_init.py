@@ -124,8 +124,11 @@ def _compute(model: nn.Module, names: list[str], data: InitData, r: int, e: "Eva
         return eva(model, names, batches, r, e.rho, e.tau, e.whiten, e.use_label_mask,
                    max_forwards=e.max_passes * len(batches)), len(batches)
     except EvaNotConverged as err:
-        raise ValueError(f"method.eva.max_passes: {str(err).removeprefix('eva: ')}; raise method.eva.max_passes "
-                         "or method.eva.n_batches, or lower method.eva.tau") from None
+        msg = str(err).removeprefix("eva: ")
+        if "fewer rows" in msg:
+            raise ValueError(f"method.eva.batch_size: {msg} (method.eva.batch_size, method.r or method.eva.rho)") from None
+        raise ValueError(f"method.eva.max_passes: {msg}; raise method.eva.max_passes or method.eva.n_batches, "
+                         "or lower method.eva.tau") from None
 
 
 @torch.no_grad()
