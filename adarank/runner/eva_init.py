@@ -104,7 +104,7 @@ def initializer(adapted: "Adapted", inject_lora: Callable[[dict[str, int]], Any]
             ranks, init_a = result.ranks, result.init
             record = {"forwards": result.forwards, "shared": result.shared, "n_batches": n_batches}
             zero = [n for n, k in ranks.items() if k == 0]
-            data.log(f"eva: {result.forwards} forward passes over {n_batches} batches; total rank "
+            data.log(f"eva: {result.forwards} forward passes over {n_batches} batch{'es' if n_batches != 1 else ''}; total rank "
                      f"{sum(ranks.values())} over {len(names)} modules, {len(zero)} left unadapted")
         inject_lora(ranks)
         _set_adapters(model, ranks, init_a, r, alpha, rslora, e.adjust_scaling_factors)
