@@ -129,12 +129,43 @@ class DataConfig:
 
 
 @dataclass
+class EvaConfig:
+    """method=eva: how the data-driven init runs (PEFT's EvaConfig, plus which batches). adarank/eva.py."""
+
+    rho: float = 2.0
+    """A module gets at most round(rho · method.r) rank (capped at its input width); 1 keeps every rank at r."""
+    tau: float = 0.99
+    """A component has converged when its cosine similarity to the previous SVD step's is >= tau."""
+    n_batches: int = 8
+    """Training batches (the first of epoch 0's order, over all the train split) that the SVD cycles through."""
+    batch_size: Optional[int] = None
+    """Examples per EVA batch; null uses train.batch_size."""
+    max_passes: int = 20
+    """Cycle the n_batches at most this many times; a module not converged by then stops the run, naming it."""
+    whiten: bool = False
+    """Divide each A row by the square root of its singular value."""
+    adjust_scaling_factors: bool = True
+    """A module of rank r_i gets α·r_i/r (scale α/r for every rank, as PEFT does); false: α (scale α/r_i)."""
+    use_label_mask: bool = True
+    """Leave out tokens labelled -100 (only where labels are per token: language modelling)."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "method.eva")
+        _check(self.rho >= 1, "method.eva.rho", f"must be >= 1, got {self.rho}")
+        _check(0 <= self.tau <= 1, "method.eva.tau", f"must be in [0, 1], got {self.tau}")
+        _check(self.n_batches >= 1, "method.eva.n_batches", f"must be >= 1, got {self.n_batches}")
+        _check(self.batch_size is None or self.batch_size >= 1, "method.eva.batch_size",
+               f"must be >= 1 or null, got {self.batch_size}")
+        _check(self.max_passes >= 1, "method.eva.max_passes", f"must be >= 1, got {self.max_passes}")
+
+
+@dataclass
 class MethodConfig:
     """The fine-tuning method and its hyperparameters."""
 
     name: str = "adalora"
-    """full, lora, rslora, adalora (ours), increlora (rank growth), svd (adalora's adapter, no allocation), peft_lora
-    or peft_adalora (PEFT's implementations)."""
+    """full, lora, rslora, adalora (ours), increlora (rank growth), svd (adalora's adapter, no allocation), eva
+    (data-driven ranks and A at init), peft_lora or peft_adalora (PEFT's implementations)."""
     r: int = 8
     """LoRA rank; for adalora/peft_adalora the target average rank (the final budget)."""
     alpha: float = 16.0
@@ -204,6 +235,8 @@ class MethodConfig:
     """Seed of the shuffle transform."""
     rank_pattern_within: Optional[str] = None
     """shuffle only within a matrix type (type) or within a layer (layer); null shuffles over all modules."""
+    eva: EvaConfig = field(default_factory=EvaConfig)
+    """eva: the data-driven init's settings (method.eva.rho, ...); the other methods ignore them."""
 
     def __post_init__(self) -> None:
         from ..importance import SCORES

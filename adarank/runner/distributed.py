@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "teardown", "check_equal", "barrier", "gather_objects", "mean_over_ranks"]
+__all__ = ["DistInfo", "setup", "teardown", "check_equal", "barrier", "gather_objects", "mean_over_ranks", "from_main"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +87,21 @@ def mean_over_ranks(info: DistInfo, x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone().float()
     dist.all_reduce(y)
     return y / info.world_size
+
+
+def from_main(info: DistInfo, compute):
+    """`compute()` on rank 0 alone, its result (any picklable object) on every rank; a ValueError it raises is
+    raised on every rank (no rank is left waiting for a result that will not come)."""
+    if not info.enabled:
+        return compute()
+    box = [None]
+    if info.is_main:
+        try:
+            box = [(True, compute())]
+        except ValueError as e:
+            box = [(False, str(e))]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise ValueError(value)
+    return value

@@ -27,7 +27,7 @@ from ..layers import base_dims
 from ..orth import OrthGrad
 from ..rank_pattern import load_rank_pattern, resolve_ranks, transform
 from ..schedule import Budget, Schedule, make_schedule, resolve_budget
-from . import peft_baselines
+from . import eva_init, peft_baselines
 from .models import DTYPES
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ class Adapted:
     save: Optional[Callable[[str], None]] = None
     #: the final average rank that results.json records (None for full fine-tuning)
     final_rank: Optional[float] = None
+    #: a method whose adapters depend on the training data (eva) sets them up here, before the model moves to
+    #: the device and the optimizer is built; it completes this Adapted (runner/eva_init.py)
+    init_from_data: Optional[Callable[["eva_init.InitData"], None]] = None
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,24 @@ def build_peft_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: 
                    peft_baselines.save_adapter(peft_model), final_average_rank(target_total, len(names)))
 
 
+def build_eva(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """EVA (Paischer et al. 2024): LoRA whose ranks (N·r in all, at most ρ·r each) and A come from an SVD of the
+    targets' inputs on training batches, computed before training by `init_from_data` (runner/eva_init.py)."""
+    m, targets = method_cfg, method_targets(method_cfg, model_cfg)
+    names = target_names(model, m, model_cfg)
+    train_modules = list(model_cfg.train_modules)
+    check_not_trained_in_full(model, names, targets, train_modules)
+
+    def inject_lora(ranks: dict[str, int]) -> ParamReport:
+        return inject(model, "lora", m.r, m.alpha, targets, m.target_regex, m.dropout, m.rslora, train_modules,
+                      DTYPES[m.adapter_dtype], m.fused, ranks)
+
+    adapted = Adapted(model, param_report(model), m.name, targets=names, save=_save_export(model, model_cfg),
+                      final_rank=m.r)
+    adapted.init_from_data = eva_init.initializer(adapted, inject_lora, m.r, m.alpha, m.rslora, m.eva)
+    return adapted
+
+
 #: Every method the runner knows; `method.name` picks one. A new method is one entry here and one YAML file
 #: in conf/method/ (README: "Adding an allocation method").
 METHODS: dict[str, MethodSpec] = {
@@ -312,4 +333,5 @@ METHODS: dict[str, MethodSpec] = {
     "svd": MethodSpec(build_svd, fusable=True, rank_pattern=True),
     "peft_lora": MethodSpec(build_peft_lora, peft=True),
     "peft_adalora": MethodSpec(build_peft_adalora, adaptive=True, peft=True),
+    "eva": MethodSpec(build_eva, fusable=True),
 }

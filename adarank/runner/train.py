@@ -27,6 +27,7 @@ from . import shapes
 from .config import Config, TrainConfig
 from .data import Batches, encode, load_task
 from .data.buckets import resolve_buckets
+from .eva_init import InitData
 from .evaluation import Evaluator
 from .gradient_checkpointing import enable_gradient_checkpointing
 from .methods import Adapted, apply_method, build_allocator
@@ -275,6 +276,8 @@ def prepare_model(cfg: Config, data: RunData, env: Env, total: int, saved: dict 
     mc = cfg.model
     model = load_base(cfg, data, env)
     adapted: Adapted = apply_method(model, cfg.method, mc)
+    if adapted.init_from_data is not None:  # eva: ranks and A from training batches (resuming: the checkpoint's)
+        adapted.init_from_data(InitData(data.train, env.device, env.dist, saved, env.log))
     model = adapted.model.to(env.device)
     allocator = build_allocator(adapted, cfg.method, total)
     if saved is not None and allocator is not None:
