@@ -18,11 +18,21 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .inject import adapters
 from .layers import LoraLinear, SVDLinear
 
-__all__ = ["export_peft", "peft_factors", "PEFT_TASK_TYPES"]
+__all__ = ["export_peft", "peft_factors", "task_type_of", "PEFT_TASK_TYPES"]
 
 #: `peft.TaskType` values (peft is optional, so not imported here): what `task_type` may be. With one of them
 #: and `base_model_name_or_path`, `peft.AutoPeftModelFor...` loads the adapter without being told the base.
 PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """PEFT's task type for a transformers model, by its class: SEQ_CLS, CAUSAL_LM, or None for another head."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    return None
 
 
 @torch.no_grad()
