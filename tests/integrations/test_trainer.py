@@ -95,3 +95,26 @@ def test_trainer_with_the_callback_trains_as_our_loop_does(tmp_path, grad_accum)
     assert got.keys() == ref_w.keys()
     for n in got:  # the same updates bit for bit: the regulariser and clipping in the same order, the same shrink
         assert torch.equal(got[n], ref_w[n]), n
+
+
+def test_resuming_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    """Checkpoints at step 5 (budgeting) and 10 (after the final mask at 9 and the shrink); resuming from either
+    in a fresh model reaches the uninterrupted run's allocations and weights bit for bit."""
+    import shutil
+
+    ds = dataset(n=BATCH * 3)
+    model, _ = svd_bert()
+    full = adarank.AdaRankCallback(**SCHEDULE, export_dir=None)
+    trainer(model, args(tmp_path / "a", save_strategy="steps", save_steps=5), ds, [full]).train()
+    want = trainable(model)
+    assert full.history[8].phase == "final" and full.allocator.shrunk
+    shutil.copytree(tmp_path / "a" / "checkpoint-10", tmp_path / "c" / "checkpoint-10")
+
+    for out, resume, start in ((tmp_path / "a", str(tmp_path / "a" / "checkpoint-5"), 5), (tmp_path / "c", True, 10)):
+        fresh, _ = svd_bert()  # full rank: a shrunk checkpoint's weights bring their own shapes
+        cb = adarank.AdaRankCallback(**SCHEDULE, export_dir=None)
+        trainer(fresh, args(out, save_strategy="steps", save_steps=5), ds, [cb]).train(resume_from_checkpoint=resume)
+        assert [a.step for a in cb.history] == list(range(start + 1, T + 1))
+        assert_same_allocations(cb.history, full.history[start:])
+        got = trainable(fresh)
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), start
