@@ -118,3 +118,133 @@ def test_resuming_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_pat
         assert_same_allocations(cb.history, full.history[start:])
         got = trainable(fresh)
         assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), start
+
+
+def test_gradient_accumulation_calls_the_allocator_once_per_optimizer_step(tmp_path, monkeypatch):
+    import adarank.integrations.trainer as integration
+
+    calls = {"before": 0, "after": 0}
+    for name in calls:
+        real = getattr(integration, f"{name}_optimizer")
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(integration, f"{name}_optimizer", counted)
+    model, _ = svd_bert()
+    forwards = []
+    model.register_forward_pre_hook(lambda m, a: forwards.append(m.training))
+    cb = adarank.AdaRankCallback(**SCHEDULE, export_dir=None)
+    ds = dataset(n=BATCH * 7)  # 7 batches an epoch at 3 per step: each epoch ends with a 1-batch step
+    trainer(model, args(tmp_path, grad_accum=3), ds, [cb]).train()
+    assert sum(forwards) == 7 * 4  # 12 steps = 4 epochs of 3 optimizer steps
+    assert calls == {"before": T, "after": T} and cb.allocator.t == T
+    assert [a.step for a in cb.history] == list(range(1, T + 1))
+
+
+class Recorder(TrainerCallback):
+    """A stand-in for a report_to logger (W&B, TensorBoard): it keeps what on_log hands it."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_budget_threshold_and_ranks_reach_the_report_to_loggers(tmp_path, monkeypatch):
+    from transformers.integrations import integration_utils
+
+    # registered as a report_to integration: the Trainer lists those before the user's callbacks
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "recorder", Recorder)
+    model, _ = svd_bert()
+    cb = adarank.AdaRankCallback(**SCHEDULE, export_dir=None)
+    t = trainer(model, args(tmp_path, report_to=["recorder"], logging_steps=4), dataset(n=BATCH * 3), [cb])
+    (recorder,) = [c for c in t.callback_handler.callbacks if isinstance(c, Recorder)]
+    t.train()
+    train_logs = [row for row in recorder.logs if "loss" in row]
+    assert len(train_logs) == 3
+    for row, a in zip(train_logs, (cb.history[3], cb.history[7], cb.history[11])):
+        assert row["alloc/budget"] == a.budget and row["orth"] > 0
+        assert {k[len("rank/"):]: v for k, v in row.items() if k.startswith("rank/")} == a.rank_dict()
+    assert "alloc/threshold" in train_logs[0]  # step 4 masks (delta_t = 2)
+    assert all("alloc/budget" not in row for row in recorder.logs if "loss" not in row)  # not in the final summary
+    history = [row for row in t.state.log_history if "loss" in row]  # and trainer_state.json has them too
+    assert [row["alloc/budget"] for row in history] == [row["alloc/budget"] for row in train_logs]
+
+
+def test_a_trainer_without_the_callback_warns_once_that_nothing_allocates(tmp_path):
+    model, _ = svd_bert()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(model, args(tmp_path, max_steps=3), dataset(n=BATCH * 3), []).train()
+    assert [str(w.message) for w in record].count(MESSAGE) == 1
+
+
+def test_with_the_callback_nothing_warns_and_the_adapter_is_exported_for_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_bert
+
+    model, _ = svd_bert()
+    cb = adarank.AdaRankCallback(**SCHEDULE)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(model, args(tmp_path), dataset(n=BATCH * 3), [cb]).train()
+    assert [str(w.message) for w in record].count(MESSAGE) == 0
+    loaded = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "adapter")).eval()
+    model.eval()
+    batch = {k: v for k, v in next(iter([dataset(n=4)[0]])).items()}
+    batch = {k: v[None] for k, v in batch.items() if k != "labels"}
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda out: (adarank.AdaRankCallback(target_rank=2), args(out, max_grad_norm=1.0)),
+     r"^TrainingArguments.max_grad_norm: must be 0 with AdaRankCallback \(got 1.0\)"),
+    (lambda out: (adarank.AdaRankCallback(target_rank=50), args(out)),
+     r"^AdaRankCallback\(target_rank=...\): the final budget of 550 triplets must be in \[1, 44\]"),
+])
+def test_settings_it_cannot_train_with_fail_in_one_line(tmp_path, make, match):
+    model, _ = svd_bert()
+    cb, training_args = make(tmp_path)
+    with pytest.raises(ValueError, match=match) as e:
+        trainer(model, training_args, dataset(n=BATCH), [cb]).train()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({}, r"give exactly one of target_rank and target_total_rank"),
+    ({"target_rank": 2, "target_total_rank": 4}, r"give exactly one"),
+    ({"target_rank": 2, "final_frac": 1.0}, r"^AdaRankCallback\(final_frac=...\): must be in \[0, 1\), got 1.0$"),
+    ({"target_rank": 2, "score": "grad"}, r"^AdaRankCallback\(score=...\): must be one of"),
+])
+def test_bad_arguments_fail_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        adarank.AdaRankCallback(**kw)
+
+
+def test_a_model_without_svd_adapters_is_refused_when_the_trainer_is_built(tmp_path):
+    from conftest import BERT_TARGETS, tiny_bert
+
+    model = tiny_bert()
+    adarank.inject(model, "lora", r=2, alpha=2.0, targets=BERT_TARGETS)
+    with pytest.raises(ValueError, match=r"^AdaRankCallback: the model has no SVD adapters"):
+        Trainer(model=model, args=args(tmp_path), train_dataset=dataset(n=BATCH),
+                callbacks=[adarank.AdaRankCallback(target_rank=1)])
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## With transformers' Trainer\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = section.split("checks that it prints `", 1)[1].split("`", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip().splitlines()[-1] == printed
+    assert [str(w.message) for w in record].count(MESSAGE) == 0
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
