@@ -39,8 +39,10 @@ def args(out, grad_accum: int = 1, **kw) -> TrainingArguments:
 
 def trainer(model, training_args, ds, callbacks) -> Trainer:
     t = Trainer(model=model, args=training_args, train_dataset=ds, callbacks=callbacks)
-    # a per-batch mean loss divided by the accumulation steps, as the runner's step computes it (transformers 5
-    # would otherwise normalise BERT's loss by the items of the whole accumulated batch: equal, but not bit for bit)
+    # the loss of each micro-batch divided by the accumulation steps, as the runner's step computes it. BERT's forward
+    # takes **kwargs, so transformers 5 assumes its loss is already normalised over the accumulated batch and does not
+    # divide; but its classification loss is a per-batch mean, so with accumulation the gradient would be
+    # grad_accum times larger (seen: the same masks, weights apart by 1e-2)
     t.model_accepts_loss_kwargs = False
     return t
 
