@@ -314,7 +314,8 @@ class RankAllocator:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state. A shrunk state shrinks this allocator's layers to match first; build the
-        optimizer after this call so it sees the shrunk parameters."""
+        optimizer after this call so it sees the shrunk parameters. Layers that already have the saved shapes
+        (the shrunk weights were loaded first, as the transformers Trainer does) are left as they are."""
         if state["names"] != self.names:
             raise ValueError("allocator state: module names differ from the model's SVD adapters")
         if state["init_total"] != self.init_total or state["target_total"] != self.target_total:

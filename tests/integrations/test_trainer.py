@@ -250,3 +250,18 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == printed
     assert [str(w.message) for w in record].count(MESSAGE) == 0
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_core_never_imports_the_integration():
+    """Only `adarank.AdaRankCallback`, the package's lazy attribute, reaches it: `import adarank` loads no Trainer."""
+    import ast
+    from pathlib import Path
+
+    from test_layout import GRAPH
+
+    importers = {v for v, ws in GRAPH.items() if not v.startswith("adarank.integrations")
+                 and any(w.startswith("adarank.integrations") for w in ws)}
+    assert importers == {"adarank"}
+    init = ast.parse((Path(adarank.__file__)).read_text())
+    top_level = [n for n in init.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert all("integrations" not in (n.module or "") for n in top_level if isinstance(n, ast.ImportFrom))
