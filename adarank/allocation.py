@@ -1,7 +1,8 @@
 """The allocator contract: what the training loop (and the Trainer callback) may call, and what a step returns.
 
 Any allocation method is one class with these members; the loop calls nothing else. `RankAllocator`
-(AdaLoRA's, in `allocator.py`) and the PEFT baseline's wrapper (`runner/peft_baselines.py`) satisfy it.
+(AdaLoRA's, in `allocator.py`), `IncreLoraAllocator` (`increlora.py`) and the PEFT baseline's wrapper
+(`runner/peft_baselines.py`) satisfy it.
 Like torchtune's `AdapterModule`, this is a structural `typing.Protocol`: no base class to inherit.
 """
 
@@ -71,8 +72,9 @@ class Allocator(Protocol):
         ...
 
     def maybe_shrink(self, optimizer: torch.optim.Optimizer | None) -> bool:
-        """The shrink hand-off: replace parameters (slicing `optimizer`'s state to match) if this
-        allocator wants to now; True when it did, so the loop re-collects its parameters."""
+        """The parameter hand-off: replace parameters (slicing `optimizer`'s state to match after a shrink,
+        zero-padding it after a growth, as IncreLoRA's) if this allocator wants to now; True when it did, so
+        the loop re-collects its parameters."""
         ...
 
     def state_dict(self) -> dict[str, Any]:

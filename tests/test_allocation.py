@@ -9,6 +9,7 @@ import torch
 
 import adarank
 from adarank.allocation import Allocation, Allocator
+from adarank.increlora import IncreLoraAllocator
 from adarank.runner.config import MethodConfig, ModelConfig
 from adarank.runner.methods import apply_method, build_allocator
 from adarank.runner.peft_baselines import PeftAllocator
@@ -34,7 +35,7 @@ def _conforms(cls: type) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("cls", [adarank.RankAllocator, PeftAllocator])
+@pytest.mark.parametrize("cls", [adarank.RankAllocator, PeftAllocator, IncreLoraAllocator])
 def test_both_allocators_satisfy_the_protocol(cls):
     assert _conforms(cls) == []
 

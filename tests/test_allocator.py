@@ -319,3 +319,28 @@ def test_masking_before_any_importance_update_keeps_the_budget():
     a = alloc.step(update_importance=False)  # GradScaler skipped step 1
     assert a.masked and a.budget == 36
     assert int(a.ranks.sum()) >= a.budget
+
+
+def ops_of_increlora_steps(n_layers: int) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
+    """aten ops of one IncreLoRA step that only scores, one that chooses, and its growth hand-off (top_h = 3)."""
+    from adarank.increlora import IncreLoraAllocator
+
+    model, _ = svd_bert(layers=n_layers, r=1)
+    layers = adarank.svd_adapters(model)
+    alloc = IncreLoraAllocator(layers, Schedule(total=40, t_init=2, t_final=5, delta_t=4), len(layers) + 12, top_h=3)
+    counted = []
+    for t in range(1, 9):  # growth at t = 4 (uncounted: the first EMA step differs) and t = 8
+        drive(layers, t)
+        with CountOps() as scoring:
+            a = alloc.step()
+        with CountOps() as hand_off:
+            replaced = alloc.maybe_shrink(None)
+        assert a.masked == replaced == (t % 4 == 0)
+        counted.append((scoring.ops, hand_off.ops))
+    return counted[6][0], counted[7][0], counted[7][1]
+
+
+def test_op_count_of_an_increlora_step_does_not_grow_with_depth():
+    two, twelve = ops_of_increlora_steps(2), ops_of_increlora_steps(12)
+    print("\nincrelora aten ops (scoring step, growth step, growth hand-off):", [sum(c.values()) for c in two])
+    assert two == twelve

@@ -93,15 +93,31 @@ def test_variant_names_and_run_order():
     assert [w for w, _ in bench.jobs(args)][:3] == ["W1", "W1", "W1"]  # eager variants of every workload first
     names = bench.all_variant_names()
     assert len(names) == len(set(names)) and set(order) <= set(names)
+    # +ckpt: after +fused, before the mode; --ckpt adds the twin of every variant of the run
+    assert bench.split_variant("adalora+fused+ckpt+graph") == ("adalora", True, "graph")
+    assert bench.checkpointed("adalora+fused+ckpt+graph") and not bench.checkpointed("adalora+fused+graph")
+    for bad in ("lora+ckpt+fused", "lora+graph+ckpt", "lora+ckpt+ckpt"):
+        with pytest.raises(ValueError, match="--variants"):
+            bench.split_variant(bad)
+    args = bench.parse_args(["--out", "x", "--workloads", "W2", "--variants", "lora", "--fused", "--graph", "--ckpt"])
+    order = [v for _, v in bench.jobs(args)]
+    assert order == ["lora", "lora+fused", "lora+ckpt", "lora+fused+ckpt",
+                     "lora+graph", "lora+fused+graph", "lora+ckpt+graph", "lora+fused+ckpt+graph"]
+    assert set(order) <= set(names)
 
 
-def test_smoke_fused_variants(tmp_path):
-    res, _ = run_bench(tmp_path / "bench.json", "--workloads", "W2", "--variants", "floor,lora,adalora", "--fused")
+def test_smoke_fused_and_checkpointed_variants(tmp_path):
+    res, _ = run_bench(tmp_path / "bench.json", "--workloads", "W2", "--variants", "floor,lora,adalora", "--fused", "--ckpt")
     w = res["workloads"]["W2"]
-    assert list(w["variants"]) == ["floor", "lora", "adalora", "lora+fused", "adalora+fused"]
-    assert all(isinstance(w["ratios"][k], float) for k in ("lora+fused/lora", "adalora+fused/lora+fused", "lora+fused/floor"))
-    # the fused adapters train the same parameters
+    assert list(w["variants"]) == ["floor", "lora", "adalora", "floor+ckpt", "lora+ckpt", "adalora+ckpt", "lora+fused",
+                                   "adalora+fused", "lora+fused+ckpt", "adalora+fused+ckpt"]
+    assert all("error" not in r for r in w["variants"].values())
+    assert all(isinstance(w["ratios"][k], float) for k in ("lora+fused/lora", "adalora+fused/lora+fused", "lora+fused/floor",
+                                                           "lora+ckpt/lora", "adalora+fused+ckpt/adalora+fused"))
+    assert w["ratios"]["adalora+ckpt_mem/adalora_mem"] is None  # no memory stats on a CPU
+    # the fused and the checkpointed adapters train the same parameters
     assert w["variants"]["lora+fused"]["trainable_params"] == w["variants"]["lora"]["trainable_params"]
+    assert w["variants"]["adalora+fused+ckpt"]["trainable_params"] == w["variants"]["adalora"]["trainable_params"]
 
 
 @pytest.mark.parametrize("swap", [False, True])

@@ -195,3 +195,23 @@ def test_export_refuses_an_unknown_task_type(tmp_path):
     with pytest.raises(ValueError, match="task_type"):
         adarank.export_peft(model, str(tmp_path), task_type="SEQUENCE_CLASSIFICATION")
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_svd_after_increlora_growth(tmp_path):
+    from adarank.increlora import IncreLoraAllocator
+
+    base = tiny_bert()
+    model = copy.deepcopy(base)
+    torch.manual_seed(1)
+    adarank.inject(model, "svd", r=1, alpha=8.0, targets=BERT_TARGETS)
+    layers = adarank.svd_adapters(model)
+    alloc = IncreLoraAllocator(layers, adarank.Schedule(total=6, t_init=0, t_final=1, delta_t=1), 20, top_h=3)
+    for t in range(1, 5):
+        drive(layers, t)  # every λ, the new ones too, leaves 0
+        alloc.step()
+        alloc.maybe_shrink(None)
+    grown = {n: m.r for n, m in layers}
+    assert sum(grown.values()) == 20 and max(grown.values()) > 1
+    ranks, cfg, loaded = export_and_load(model, base, tmp_path)
+    assert ranks == grown and cfg["rank_pattern"] == {n.replace(".", r"\."): r for n, r in grown.items()}
+    assert_reproduces(model, loaded, base, make_batch())

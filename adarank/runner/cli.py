@@ -174,6 +174,7 @@ def _check_creatable(path: str, key: str) -> None:
 def preflight(cfg: Config) -> int:
     """Checks that need files but no model weights: data, model folder, targets, schedule. Returns T."""
     from ..inject import check_not_trained_in_full, unfreeze
+    from ..increlora import check_growth
     from ..schedule import make_schedule
     from .data import get_task
     from .methods import METHODS, method_budget, method_targets, target_names
@@ -207,6 +208,10 @@ def preflight(cfg: Config) -> int:
     model = meta_model(mc.name_or_path, None if data.task.is_causal else data.task.num_labels, mc.random_config,
                        mc.config_overrides)
     check_positions(model, cfg.task.max_length)
+    if cfg.train.gradient_checkpointing:  # the meta model has the class the run would load
+        from .gradient_checkpointing import check_supported
+
+        check_supported(model)
     spec = METHODS[m.name]
     if spec.peft:
         peft_task_type(model)  # PEFT's model class needs a known head
@@ -215,9 +220,11 @@ def preflight(cfg: Config) -> int:
         check_not_trained_in_full(model, names, method_targets(m, mc), mc.train_modules)
     unfreeze(model, mc.train_modules)
     if spec.adaptive:
-        method_budget(model, m, names)
+        budget = method_budget(model, m, names)
         if known_T:
-            make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
+            schedule = make_schedule(T, m.init_frac, m.final_frac, m.delta_t)
+            if spec.grows:
+                check_growth(schedule, budget.init_total, budget.target_total, m.top_h, m.grow_by, len(names))
     resolve_path(tokenizer_source(cfg.model.name_or_path, cfg.model.tokenizer))
     _tokenizer_loads(cfg.model.name_or_path, cfg.model.tokenizer)
     return T

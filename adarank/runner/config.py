@@ -125,7 +125,7 @@ class MethodConfig:
     """The fine-tuning method and its hyperparameters."""
 
     name: str = "adalora"
-    """full, lora, rslora, adalora (ours), peft_lora or peft_adalora (PEFT's implementations)."""
+    """full, lora, rslora, adalora (ours), increlora (rank growth), peft_lora or peft_adalora (PEFT's implementations)."""
     r: int = 8
     """LoRA rank; for adalora/peft_adalora the target average rank (the final budget)."""
     alpha: float = 16.0
@@ -152,7 +152,7 @@ class MethodConfig:
     lr: Optional[float] = None
     """Overrides train.lr for this method (e.g. full fine-tuning wants a smaller one)."""
     init_rank: Optional[int] = None
-    """adalora: initial rank per matrix; null = ceil(init_ratio × target). Ignored by the fixed-rank methods
+    """adalora: initial rank per matrix; null = ceil(init_ratio × target) (increlora: its starting rank, null = 1). Ignored by the fixed-rank methods
     (so a sweep over methods can set it for its adaptive jobs)."""
     init_ratio: float = 1.5
     """adalora: initial rank over target rank, 1.5 in the paper. Ignored by the fixed-rank methods."""
@@ -180,6 +180,10 @@ class MethodConfig:
     """adalora: mean_norm (PEFT/official code) or sum_sq (paper formula)."""
     shrink: bool = True
     """adalora: physically remove pruned triplets once the final budget is reached."""
+    top_h: int = 10
+    """increlora: modules that gain rank at each growth step (every delta_t steps after init_frac·T)."""
+    grow_by: int = 1
+    """increlora: triplets each chosen module gains at a growth step (the reference's incre_rank_num)."""
     rank_pattern: Optional[str] = None
     """lora/rslora: per-module ranks instead of method.r, from a finished run's folder or results.json
     (final_ranks) or an exported adapter/ (rank_pattern); rank 0 leaves a module unadapted. Scale per
@@ -232,8 +236,14 @@ class MethodConfig:
         _check(self.orth_weight >= 0, "method.orth_weight", f"must be >= 0, got {self.orth_weight}")
         _check(self.orth_form in ORTH_FORMS, "method.orth_form", f"must be one of {ORTH_FORMS}")
         self._check_rank_pattern()
+        _check(self.top_h >= 1, "method.top_h", f"must be >= 1, got {self.top_h}")
+        _check(self.grow_by >= 1, "method.grow_by", f"must be >= 1, got {self.grow_by}")
         if self.init_rank is not None and self.target_total_rank is None and self.target_params is None:
-            _check(self.r <= self.init_rank, "method.r", f"target rank {self.r} exceeds method.init_rank {self.init_rank}")
+            if METHODS[self.name].grows:  # it grows from init_rank up to r
+                _check(self.init_rank <= self.r, "method.init_rank", f"starting rank {self.init_rank} exceeds the target "
+                       f"rank method.r={self.r} (increlora grows to it)")
+            else:
+                _check(self.r <= self.init_rank, "method.r", f"target rank {self.r} exceeds method.init_rank {self.init_rank}")
 
     def _check_rank_pattern(self) -> None:
         from ..rank_pattern import TRANSFORMS
@@ -287,6 +297,11 @@ class TrainConfig:
     cuda_graph_shapes: int = 8
     """With cuda_graph: most distinct batch shapes to capture (lengths vary with dynamic padding);
     batches of further shapes run eagerly."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward instead of keeping them (transformers'
+    non-reentrant checkpointing): less activation memory for one more forward pass per step. The same
+    gradients and masks (adarank/runner/gradient_checkpointing.py); refused for model classes transformers
+    cannot checkpoint (MPNet)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     eval_every: int = 0

@@ -9,6 +9,7 @@ builder returns, so the training loop never asks for a method by name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
@@ -20,6 +21,7 @@ from ..allocation import Allocator
 from ..allocator import RankAllocator
 from ..atomic import atomic_write_bytes
 from ..export import export_peft
+from ..increlora import IncreLoraAllocator
 from ..inject import ParamReport, check_not_trained_in_full, find_targets, inject, param_report, svd_adapters
 from ..layers import base_dims
 from ..orth import OrthGrad
@@ -62,6 +64,7 @@ class MethodSpec:
     fusable: bool = False  # method.fused applies (our adapter layers)
     adapters: bool = True  # adds adapters to the targets (full fine-tuning trains the targets themselves)
     peft: bool = False  # built by PEFT: needs the peft package and a known model head
+    grows: bool = False  # starts at method.init_rank (default 1) and grows to the budget (adaptive methods)
 
 
 def method_targets(method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> list[str]:
@@ -110,6 +113,8 @@ def method_budget(model: nn.Module, method_cfg: "MethodConfig", names: list[str]
     """The adaptive methods' initial rank and budgets for the adapted modules `names` of `model`."""
     m = method_cfg
     shapes = [base_dims(model.get_submodule(n)) for n in names]
+    if METHODS[m.name].grows:
+        return growth_budget(model, m, names)
     try:
         return resolve_budget(shapes, None if _explicit_target(m) else m.r, m.target_total_rank, m.target_params, m.init_rank, m.init_ratio)
     except ValueError as e:
@@ -118,6 +123,17 @@ def method_budget(model: nn.Module, method_cfg: "MethodConfig", names: list[str]
         if _explicit_target(m) and "resolves to" in str(e):
             raise ValueError(given + str(e).removeprefix("method.r")) from None
         raise
+
+
+def growth_budget(model: nn.Module, method_cfg: "MethodConfig", names: list[str]) -> Budget:
+    """A growing method's budget: the final one as adalora resolves it, the starting rank method.init_rank (1)."""
+    m = method_cfg
+    final = method_budget(model, dataclasses.replace(m, name="adalora", init_rank=None, init_ratio=1.0), names)
+    start = m.init_rank if m.init_rank is not None else 1
+    if start * len(names) > final.target_total:
+        raise ValueError(f"method.init_rank: {start} x {len(names)} modules exceeds the budget of "
+                         f"{final.target_total} triplets; a growing method starts below it")
+    return Budget(init_rank=start, init_total=start * len(names), target_total=final.target_total)
 
 
 def final_average_rank(target_total: int, n_modules: int) -> float:
@@ -210,6 +226,25 @@ def build_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "Mode
                    _save_export(model, model_cfg), final_average_rank(budget.target_total, len(names)))
 
 
+def build_increlora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """IncreLoRA: SVD adapters at method.init_rank (1 by default) growing to the budget adalora would resolve
+    (`IncreLoraAllocator`), with the orthogonal regulariser."""
+    m, targets = method_cfg, method_targets(method_cfg, model_cfg)
+    names = target_names(model, m, model_cfg)
+    budget = method_budget(model, m, names)
+    rep = inject(model, "svd", budget.init_rank, m.alpha, targets, m.target_regex, m.dropout, m.rslora, list(model_cfg.train_modules),
+                 DTYPES[m.adapter_dtype], m.fused)
+    reg = OrthGrad([layer for _, layer in svd_adapters(model)], m.orth_weight, m.orth_form) if m.orth_weight > 0 else None
+    seed = torch.initial_seed()  # the run's seed (set before the model was built): the new triplets' draws
+
+    def make_allocator(schedule: Schedule) -> IncreLoraAllocator:
+        return IncreLoraAllocator(svd_adapters(model), schedule, budget.target_total, m.top_h, m.grow_by, m.beta1,
+                                  m.beta2, seed=seed)
+
+    return Adapted(model, rep, m.name, budget.target_total, budget.init_rank, reg, names, make_allocator,
+                   _save_export(model, model_cfg), final_average_rank(budget.target_total, len(names)))
+
+
 def build_peft_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
     """PEFT's own LoRA, in our loop."""
     m = method_cfg
@@ -243,6 +278,7 @@ METHODS: dict[str, MethodSpec] = {
     "lora": MethodSpec(build_lora, fusable=True),
     "rslora": MethodSpec(build_rslora, fusable=True),
     "adalora": MethodSpec(build_adalora, adaptive=True, fusable=True),
+    "increlora": MethodSpec(build_increlora, adaptive=True, fusable=True, grows=True),
     "peft_lora": MethodSpec(build_peft_lora, peft=True),
     "peft_adalora": MethodSpec(build_peft_adalora, adaptive=True, peft=True),
 }

@@ -16,6 +16,7 @@ from ..allocation import Allocation
 from ..atomic import atomic_write_json
 from . import checkpoint as ckpt
 from . import distributed as dist_
+from . import events
 from .config import Config
 from .evaluation import Evaluator
 from .methods import Adapted
@@ -98,6 +99,7 @@ def _results(cfg: Config, task, model: nn.Module, adapted: Adapted, final: dict,
         "steps_per_second": round((step - timed_from) / step_seconds, 3) if step_seconds > 0 else None,
         "world_size": env.dist.world_size,
         "final_ranks": ranks, "budget_curve": history["budget_curve"],
+        **events.results_fields(history),  # the ranks at each masking event, the final mask's kept triplets
         "evals": history["evals"], "train_log": history["log"],
         "config": asdict(cfg), "git_sha": git_sha(), "code_sha256": code_sha256(), "versions": versions(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -13,10 +13,13 @@ __all__ = ["MAY_DIFFER", "ResumeRefused", "check_resumable", "config_differences
 
 #: Fields a resumed run may change: where things are written or read from, how much is printed, which device
 #: computes (the same numbers up to the device's rounding), how often it checkpoints (a resumed run is
-#: bit-identical whatever the interval), debug checks and W&B's mode.
+#: bit-identical whatever the interval), debug checks and W&B's mode; and gradient checkpointing, which
+#: recomputes the same activations (bit-identical on a CPU: tests/e2e/test_gradient_checkpointing.py), so a
+#: run that ran out of memory can resume with it.
 MAY_DIFFER = frozenset({
     "resume", "overwrite", "data.dir", "data.cache_dir", "train.device", "train.progress", "train.log_every",
     "train.checkpoint_every", "train.check_masks", "train.cuda_graph_shapes", "wandb.mode", "wandb.project",
+    "train.gradient_checkpointing",
 })
 
 

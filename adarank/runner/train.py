@@ -22,9 +22,11 @@ from torch import nn
 from ..quant import quantize_nf4_
 from . import checkpoint as ckpt
 from . import distributed as dist_
+from . import events
 from .config import Config, TrainConfig
 from .data import Batches, encode, load_task
 from .evaluation import Evaluator
+from .gradient_checkpointing import enable_gradient_checkpointing
 from .methods import Adapted, apply_method, build_allocator
 from .models import load_causal_lm, load_model, load_tokenizer
 from .monitor import NormWatch, adapter_norms, base_norms
@@ -100,6 +102,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
                 # ---- one optimizer step ----
                 out = unit.step()
                 loop.add_step(out.orth, out.allocation)
+                events.record(loop.history, out.allocation)  # the per-module ranks at a masking event
                 if out.allocation is not None:
                     allocation = out.allocation
                     if tc.check_masks:
@@ -270,6 +273,8 @@ def prepare_model(cfg: Config, data: RunData, env: Env, total: int, saved: dict 
     else:
         model = load_model(mc.name_or_path, data.task.num_labels, mc.dtype, mc.random_config, len(tokenizer),
                            tokenizer.pad_token_id, mc.config_overrides)
+    if cfg.train.gradient_checkpointing:  # on the transformers model itself, before adapters wrap its layers
+        enable_gradient_checkpointing(model)
     quantize_base(model, cfg, env)
     adapted: Adapted = apply_method(model, cfg.method, mc)
     model = adapted.model.to(env.device)

@@ -152,3 +152,76 @@ def norm_blowup(lines: Sequence[Mapping[str, Any]], path: PathLike, title: str =
     if title:
         axes[0].set_title(title)
     return save_png(fig, path)
+
+
+def allocation_movement(movements: Mapping[str, Mapping[str, Any]], path: PathLike, title: str = "") -> Path | None:
+    """Write how each run's allocation moved over the schedule; None when no run has masking events.
+
+    ``movements`` maps a label (e.g. "seed 0") to ``adarank.studies.stability.movement``'s dict. Top: Spearman's
+    ρ of each event's per-module ranks with the final allocation's; bottom: the L1 change from the previous event.
+    """
+    movements = {label: m for label, m in movements.items() if m["steps"]}
+    if not movements:
+        return None
+    fig = new_figure(6, 5)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for label, m in movements.items():
+        pts = [(s, r) for s, r in zip(m["steps"], m["rho_to_final"]) if r is not None]
+        if pts:
+            top.plot(*zip(*pts), marker=".", linewidth=1, alpha=0.8, label=label)
+        l1 = [(s, x) for s, x in zip(m["steps"], m["l1"]) if x is not None]
+        if l1:
+            bottom.plot(*zip(*l1), marker=".", linewidth=1, alpha=0.8, label=label)
+    top.set_ylabel("ρ with the final ranks")
+    top.set_ylim(-1.05, 1.05)
+    bottom.set_ylabel("L1 change from the previous event")
+    bottom.set_xlabel("step (masking events)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=7)
+    if title:
+        top.set_title(title)
+    return save_png(fig, path)
+
+
+def agreement_vs_chance(entries: Sequence[Mapping[str, Any]], path: PathLike, title: str = "") -> Path | None:
+    """Write the seeds' agreement beside its chance level, one row per group; None without entries.
+
+    Each entry is ``{"label", "spearman", "jaccard", "chance"}`` (``group_stability``'s fields; ``chance`` as
+    ``chance_levels`` returns it, or None). Left: ρ between seeds' final ranks; right: Jaccard of kept triplets.
+    A dot is the observed value, a bar the permuted-histogram chance mean with a whisker to its 95th
+    percentile, and (right) a cross the given-ranks chance level.
+    """
+    entries = [e for e in entries if e.get("spearman") is not None or e.get("jaccard") is not None]
+    if not entries:
+        return None
+    fig = new_figure(8, 1.6 + 0.35 * len(entries))
+    axes = fig.subplots(1, 2, sharey=True)
+    ys = np.arange(len(entries))[::-1]
+    for ax, key in zip(axes, ("spearman", "jaccard")):
+        labelled: set[str] = set()
+
+        def label(text: str) -> str | None:  # each kind of mark once in the legend
+            return None if text in labelled or labelled.add(text) else text
+
+        for y, e in zip(ys, entries):
+            chance = e.get("chance") or {}
+            mean, q95 = chance.get(key), chance.get(f"{key}_q95")
+            if mean is not None:
+                ax.barh(y, mean, color="lightgray", height=0.6, label=label("chance (permuted histogram)"))
+                if q95 is not None:
+                    ax.plot([mean, q95], [y, y], color="gray", linewidth=1)
+            if key == "jaccard" and chance.get("jaccard_given_ranks") is not None:
+                ax.plot(chance["jaccard_given_ranks"], y, "x", color="C1", label=label("chance (given ranks)"))
+            if e.get(key) is not None:
+                ax.plot(e[key], y, "o", color="C0", label=label("seeds"))
+        ax.set_xlabel("Spearman ρ of final ranks between seeds" if key == "spearman" else "Jaccard of kept triplets")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(ys, [e["label"] for e in entries], fontsize=8)
+    handles = {}
+    for ax in axes:  # one legend for both panels, below them, where it hides no mark
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return save_png(fig, path)

@@ -27,12 +27,16 @@ candidate with its mean validation metric and its number of seeds; (b) mean ± s
 other method at the same (task, budget), with a two-sided paired t-test; (e) for adaptive
 methods (runs with ``final_ranks``), where the rank went: the mean final rank per matrix type
 (q, k, v, attn-out, ffn-in, ffn-out; Llama's q_proj ... down_proj keep their names) and per
-layer, with the bottom and top halves of the stack. Runs without a budget (full fine-tuning)
-are their own row and are paired with every budget.
+layer, with the bottom and top halves of the stack; (f) for the same groups, the allocation's
+stability over seeds against seeded chance levels and its movement over the schedule
+(``adarank.studies.stability``; the kept triplets and masking events come from runs that recorded
+them). Runs without a budget (full fine-tuning) are their own row and are paired with every budget.
 
 Plots, in OUT_DIR: ``metric_vs_budget_<task>.png``; per (task, method, budget) of an adaptive
 method, ``rank_heatmap_<task>_<method>_r<budget>.png`` (mean final rank over seeds, layer x
-matrix type) and ``budget_curve_<task>_<method>_r<budget>.png`` (the budget schedule); with runs of
+matrix type), ``budget_curve_<task>_<method>_r<budget>.png`` (the budget schedule) and
+``movement_<task>_<method>_r<budget>.png`` (ρ with the final ranks and L1 change per masking event);
+``stability.png`` (every adaptive group's agreement over seeds against chance); with runs of
 several models, ``<task>_<model>_<method>`` in those names.
 Needs numpy and scipy, not pandas.
 """
@@ -58,7 +62,8 @@ from adarank.atomic import atomic_write_text
 from adarank.runner.methods import METHODS
 from adarank.runner.plots import NO_LAYER, layer_key, parse_module_name, rank_heatmap
 from adarank.studies.errors import StudyError
-from adarank.studies.plots import budget_curves, metric_vs_budget
+from adarank.studies.plots import agreement_vs_chance, allocation_movement, budget_curves, metric_vs_budget
+from adarank.studies.stability import group_stability
 from adarank.studies.runs import (
     applied_lr,
     computation_config,
@@ -117,6 +122,9 @@ def load_row(path: Path) -> dict[str, Any]:
     row["selected"] = True  # until select_lr has seen the other learning rates
     row["final_ranks"] = {n: float(r) for n, r in (data.get("final_ranks") or {}).items()}
     row["budget_curve"] = [[int(s), float(b)] for s, b in data.get("budget_curve") or []]
+    # the allocation's course (adarank.runner.events), for the stability section; absent in older files
+    row["kept_triplets"] = data.get("kept_triplets") or {}
+    row["allocation_events"] = data.get("allocation_events")
     row["model"] = record_model(data)
     row["config"] = computation_config(data)
     row["path"] = str(path)
@@ -591,15 +599,93 @@ def _paired_section(groups: ModelGroups, reference: str, multi: bool) -> list[st
     return lines + _table(["task", *_m(multi), "budget", "A - B", "n pairs", "mean diff", "p"], body)
 
 
+def stability_by_group(rows: Sequence[dict[str, Any]], draws: int = 200) -> dict[Key, dict[str, Any]]:
+    """Per (task, model, method, budget) of adaptive runs (``final_ranks``): `group_stability` over its seeds
+    (the rows at one learning rate: pass the selected ones). PEFT's module prefix is dropped, as in `mean_ranks`."""
+    by_group: dict[Key, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["final_ranks"]:
+            ranks = {n.removeprefix(PEFT_PREFIX): v for n, v in r["final_ranks"].items()}
+            by_group[_key(r)].append({**r, "final_ranks": ranks})
+    return {key: group_stability(runs, draws) for key, runs in sorted(by_group.items(), key=lambda kv: _group_key(kv[0]))}
+
+
+def _stability_section(stability: Mapping[Key, dict[str, Any]] | None, multi: bool) -> list[str]:
+    if not stability:
+        return []
+    two, p3 = (lambda x: _num(x, ".2f")), (lambda x: _num(x, ".3g"))
+    lines = ["", "## Allocation stability over seeds", "",
+             ("Adaptive methods, per group (its seeds at the chosen learning rate). ρ: Spearman between two seeds' "
+              "final per-module ranks, mean over pairs of seeds; Jaccard: overlap of two seeds' kept triplet "
+              "indices per module, mean over pairs, then over modules. Chance: the same statistics for random "
+              "allocations that keep each seed's rank histogram (its per-module ranks permuted over the modules, "
+              "kept triplets drawn uniformly within each module), mean and 95th percentile over draws, and the "
+              "one-sided p of the observed value; Jaccard | ranks: the chance overlap when each seed keeps its "
+              "own per-module ranks (`adarank/studies/stability.py`). n/a: fewer than two seeds, or results.json "
+              "without kept triplets or masking events (PEFT's AdaLoRA records none)."), ""]
+    body = []
+    for (task, model, method, budget), st in stability.items():
+        c = st["chance"] or {}
+        body.append([task, *_m(multi, model), method, _budget(budget), st["n"], two(st["spearman"]),
+                     f"{two(c.get('spearman'))} / {two(c.get('spearman_q95'))}", p3(c.get("spearman_p")),
+                     two(st["jaccard"]), f"{two(c.get('jaccard'))} / {two(c.get('jaccard_q95'))}",
+                     p3(c.get("jaccard_p")), two(c.get("jaccard_given_ranks"))])
+    lines += _table(["task", *_m(multi), "method", "budget", "n seeds", "ρ", "chance ρ (mean / q95)", "p",
+                     "Jaccard", "chance (mean / q95)", "p", "Jaccard given ranks"], body)
+    lines += ["", "### Movement over the schedule", "",
+              ("Per run, over its masking events (mean over seeds): the total L1 change of the per-module ranks "
+               "between consecutive events, the part of it the shrinking budget forces, the rest (rank moved "
+               "between modules), ρ with the final allocation of the earliest event whose ranks are not all equal, "
+               "and the first step from which ρ with the final stays >= 0.9."), ""]
+    body = [[task, *_m(multi, model), method, _budget(budget), *_movement_cells(st["movements"])]
+            for (task, model, method, budget), st in stability.items() if st["movements"]]
+    if body:
+        lines += _table(["task", *_m(multi), "method", "budget", "n runs", "events", "total L1", "forced by budget",
+                         "reallocation", "earliest ρ", "settled from step"], body)
+    else:
+        lines.append("No run recorded its masking events.")
+    return lines
+
+
+def _movement_cells(movements: Sequence[dict[str, Any]]) -> list[Any]:
+    """The movement table's cells of one group: its runs' means (over the runs where a value is defined)."""
+    def mean(values: Iterable[float | None]) -> float | None:
+        v = [x for x in values if x is not None]
+        return float(np.mean(v)) if v else None
+
+    earliest = mean(next((r for r in m["rho_to_final"] if r is not None), None) for m in movements)
+    return [len(movements), len(movements[0]["steps"]),
+            *(_num(mean(m[k] for m in movements), ".1f") for k in ("total_l1", "forced_l1", "reallocation")),
+            _num(earliest, ".2f"), _num(mean(m["settle_step"] for m in movements), ".0f")]
+
+
+def write_stability_plots(stability: Mapping[Key, dict[str, Any]], out: Path, multi: bool) -> list[tuple[str, Path]]:
+    """``stability.png`` (every group's agreement against chance) and, per group with masking events,
+    ``movement_<group>.png``; returns (caption, path) of each plot written."""
+    written = []
+    entries = [{"label": _title(key, multi), **st} for key, st in stability.items()]
+    path = agreement_vs_chance(entries, out / "stability.png", title="final allocations: seeds against chance")
+    if path is not None:
+        written.append(("stability over seeds", path))
+    for key, st in stability.items():
+        moves = {f"seed {s}": m for s, m in zip(st["seeds"], st["movements"])}
+        path = allocation_movement(moves, out / f"movement_{_group_name(key, multi)}.png", title=_title(key, multi))
+        if path is not None:
+            written.append((_caption("movement", key, multi), path))
+    return written
+
+
 def render_summary(rows: Sequence[dict[str, Any]], column: str, reference: str,
                    plots: Mapping[str, Path | None], choices: Mapping[Key, LrChoice] | None = None,
                    group_plots: Sequence[tuple[str, Path]] = (),
-                   diverged: Sequence[tuple[Path, dict[str, Any]]] = ()) -> str:
+                   diverged: Sequence[tuple[Path, dict[str, Any]]] = (),
+                   stability: Mapping[Key, dict[str, Any]] | None = None) -> str:
     """The text of ``summary.md``.
 
     ``rows`` are all runs; only those with ``selected`` are summarised. ``choices`` (from
     ``select_lr``) gives the learning-rate table when some group had several; ``plots`` maps a task
-    to its metric-vs-budget plot, ``group_plots`` are (caption, path) of the per-group plots. With runs
+    to its metric-vs-budget plot, ``group_plots`` are (caption, path) of the per-group plots, ``stability``
+    (from ``stability_by_group``) gives the allocation-stability section. With runs
     of several models every table has a model column, and groups whose runs differ in their config
     (``mixed_configs``) are listed.
     """
@@ -632,6 +718,7 @@ def render_summary(rows: Sequence[dict[str, Any]], column: str, reference: str,
     lines += _average_section(groups, multi)
     lines += _paired_section(groups, reference, multi)
     lines += _rank_section(rows, multi)
+    lines += _stability_section(stability, multi)
 
     shown = [(t, p) for t, p in plots.items() if p is not None] + list(group_plots)
     if shown:
@@ -733,12 +820,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else (first.parent if first.is_file() else first)
     write_csv(out / "runs.csv", rows)
     plots = write_metric_plots(selected, out, args.metric, multi)
-    group_plots = write_group_plots(selected, out, multi)
+    stability = stability_by_group(selected)
+    group_plots = write_group_plots(selected, out, multi) + write_stability_plots(stability, out, multi)
     diverged = find_diverged(args.dirs)
     if diverged:
         warn(f"warning: {len(diverged)} diverged run(s) (diverged.json) are left out of the tables; summary.md lists them")
     atomic_write_text(out / "summary.md",
-                      render_summary(rows, args.metric, args.reference, plots, choices, group_plots, diverged))
+                      render_summary(rows, args.metric, args.reference, plots, choices, group_plots, diverged,
+                                     stability))
     n_plots = sum(p is not None for p in plots.values()) + len(group_plots)
     print(f"wrote {out / 'runs.csv'}, {out / 'summary.md'} and {n_plots} plot(s)")
     return 0

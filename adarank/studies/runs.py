@@ -27,11 +27,12 @@ FULL = "full"  # full fine-tuning: no adapters, no α
 #: ``config`` fields (``section.field``, or a top-level field) that do not change what a run computes: the seed
 #: and the learning rate (the report groups over those), where outputs, caches and logs go, progress and
 #: W&B settings, the device, and how the same computation is executed (fused layers, torch.compile, CUDA
-#: graphs, the evaluation batch size: equal up to rounding). Every other field does.
+#: graphs, gradient checkpointing, the evaluation batch size: equal up to rounding). Every other field does.
 NOT_COMPUTATION = frozenset({
     "seed", "train.lr", "method.lr", "experiment_name", "resume", "overwrite", "data.cache_dir",
     "train.device", "train.log_every", "train.progress", "train.checkpoint_every", "train.check_masks",
     "train.eval_batch_size", "train.compile", "train.cuda_graph", "train.cuda_graph_shapes", "method.fused",
+    "train.gradient_checkpointing",
 })
 NOT_COMPUTATION_SECTIONS = frozenset({"wandb"})
 

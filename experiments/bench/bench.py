@@ -1,7 +1,8 @@
 """Training-step benchmark: adarank's adapters and allocator against PEFT and a frozen floor, one GPU.
 
     python experiments/bench/bench.py --out results/bench/h200.json [--workloads W1,W2,W3]
-        [--variants lora,adalora] [--steps 30] [--warmup 10] [--compile] [--profile DIR] [--smoke]
+        [--variants lora,adalora] [--steps 30] [--warmup 10] [--fused] [--ckpt] [--graph] [--compile] [--profile DIR]
+        [--smoke]
 
 Every (workload, variant) pair builds a fresh random-init model from a config (no downloads), applies
 the variant, runs `--warmup` steps, then times `--steps` steps one by one (CUDA-synchronised around
@@ -32,6 +33,7 @@ import adarank
 from adarank.atomic import atomic_write_json, atomic_write_text
 from adarank.layers import base_dims
 from adarank.orth import OrthGrad
+from adarank.runner.gradient_checkpointing import enable_gradient_checkpointing
 from adarank.runner.peft_baselines import PeftAllocator, peft_task_type
 from adarank.runner.step import OptimizerStep
 
@@ -58,18 +60,36 @@ FUSABLE = ("lora", "rslora", "adalora", "adalora_final")
 COMPILE_DEFAULT = ("floor", "lora", "adalora", "adalora_final")
 GRAPH_DEFAULT = COMPILE_DEFAULT  # what --graph adds
 FUSED_DEFAULT = ("lora", "adalora", "adalora_final")  # what --fused adds (also with +graph under --graph)
+#: "+ckpt" after "+fused" (if any), before the mode: the model's blocks under gradient checkpointing, as
+#: train.gradient_checkpointing=true runs them (adarank/runner/gradient_checkpointing.py); for every variant.
+#: --ckpt adds the +ckpt twin of every variant of the run.
+CKPT = "ckpt"
 
 
 def split_variant(name: str) -> tuple[str, bool, str]:
-    """"lora+fused+graph" -> ("lora", True, "graph"); a plain name is unfused with mode "eager"."""
+    """"lora+fused+graph" -> ("lora", True, "graph"); a plain name is unfused with mode "eager". A "+ckpt"
+    after "+fused" is allowed and left out here (`checkpointed` reads it)."""
     base, *mods = name.split("+")
     fused = mods[:1] == ["fused"]
     rest = mods[1:] if fused else mods
+    if rest[:1] == [CKPT]:
+        rest = rest[1:]
     if len(rest) > 1 or (rest and rest[0] not in MODES) or base not in VARIANTS \
             or (fused and base not in FUSABLE) or (rest and base not in COMPILABLE):
         raise ValueError(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}, with +fused "
-                         f"for {', '.join(FUSABLE)}, then +compile or +graph for {', '.join(COMPILABLE)}")
+                         f"for {', '.join(FUSABLE)}, then +ckpt, then +compile or +graph for {', '.join(COMPILABLE)}")
     return base, fused, rest[0] if rest else "eager"
+
+
+def checkpointed(name: str) -> bool:
+    """Whether the variant runs under gradient checkpointing ("+ckpt")."""
+    return CKPT in name.split("+")[1:]
+
+
+def with_ckpt(name: str) -> str:
+    """The +ckpt twin of a variant: "lora+fused+graph" -> "lora+fused+ckpt+graph"."""
+    base, fused, mode = split_variant(name)
+    return base + ("+fused" if fused else "") + f"+{CKPT}" + ("" if mode == "eager" else f"+{mode}")
 
 
 def all_variant_names() -> list[str]:
@@ -77,8 +97,9 @@ def all_variant_names() -> list[str]:
     out = []
     for mode in ("", "+graph", "+compile"):
         for fused in ("", "+fused"):
-            out += [f"{v}{fused}{mode}" for v in VARIANTS
-                    if (not fused or v in FUSABLE) and (not mode or v in COMPILABLE)]
+            for ckpt in ("", f"+{CKPT}"):
+                out += [f"{v}{fused}{ckpt}{mode}" for v in VARIANTS
+                        if (not fused or v in FUSABLE) and (not mode or v in COMPILABLE)]
     return out
 
 
@@ -354,6 +375,8 @@ def run_variant(wl: Workload, variant: str, shape: tuple[int, int], args: argpar
     base, fused, mode = split_variant(variant)
     model = build_model(wl, args.smoke, device)
     facts.setdefault("base_params", sum(p.numel() for p in model.parameters()))
+    if checkpointed(variant):  # before the adapters, as the runner does
+        enable_gradient_checkpointing(model)
     batch = make_batch(wl, model.config.vocab_size, shape, device)
     rig = build_rig(base, model, wl, device, capturable=mode == "graph", fused=fused)
     del model
@@ -436,6 +459,9 @@ RATIOS = {
     "adalora+fused+graph/floor+graph": ("adalora+fused+graph", "floor+graph", "median_ms"),
     "adalora+fused+graph_mem/lora+fused+graph_mem": ("adalora+fused+graph", "lora+fused+graph", "peak_gib"),
     "adalora_final+fused+graph/lora+fused+graph": ("adalora_final+fused+graph", "lora+fused+graph", "median_ms"),
+    # gradient checkpointing (+ckpt): its time and memory against the same variant without it
+    **{f"{v}+ckpt{m}/{v}{m}": (f"{v}+ckpt", v, key) for v in ("lora", "adalora", "lora+fused", "adalora+fused")
+       for m, key in (("", "median_ms"), ("_mem", "peak_gib"))},
 }
 
 
@@ -531,6 +557,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--graph", action="store_true", help=f"also run {','.join(GRAPH_DEFAULT)} as CUDA graphs (+graph)")
     p.add_argument("--fused", action="store_true",
                    help=f"also run {','.join(FUSED_DEFAULT)} with fused adapters (+fused; with --graph also +fused+graph)")
+    p.add_argument("--ckpt", action="store_true",
+                   help="also run every variant of the run under gradient checkpointing (+ckpt), as "
+                        "train.gradient_checkpointing=true does")
     p.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks",
                    help="blocks: compile each transformer block (fast to compile; default); model: the whole model")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: trace only, for tests)")
@@ -575,6 +604,8 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
             vs += [v + "+fused+graph" for v in plain if v in FUSED_DEFAULT]
     if args.compile:
         vs += [v + "+compile" for v in plain if v in COMPILE_DEFAULT]
+    if args.ckpt:
+        vs += [with_ckpt(v) for v in vs if not checkpointed(v)]
     vs = list(dict.fromkeys(vs))
     # eager first, then graphs (no compilation time), then compile (it changes dynamo's global state), so a
     # run cut short by the time budget still has the main numbers

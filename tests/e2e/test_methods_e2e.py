@@ -26,6 +26,7 @@ RESULT_KEYS = {
     "budget_curve", "config", "train_seconds", "steps_per_second", "world_size", "evals", "train_log",
     "git_sha", "code_sha256", "versions", "device",
     "lr", "alpha",  # the learning rate and α that applied (recorded since the renovation, issue 16)
+    "allocation_events", "kept_triplets",  # the ranks at each masking event, the final kept triplets (issue 19)
 }
 METHODS = ("full", "lora", "rslora", "adalora", "peft_lora", "peft_adalora")
 EXPERIMENTS = sorted(p.stem for p in Path(adarank.runner.cli.CONF_DIR, "experiment").glob("*.yaml"))
@@ -185,7 +186,8 @@ def test_budget_reported_for_a_total_rank_target(tmp_path):
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("method,extra", [("lora", []), ("adalora", []), ("adalora", ["method.fused=true"]),
-                                          ("peft_adalora", [])])
+                                          ("peft_adalora", []),
+                                          ("increlora", ["method.fused=true", "method.delta_t=2", "method.top_h=4"])])
 def test_cuda_graph_training_runs_the_same_schedule_as_eager(tmp_path, method, extra):
     """train.cuda_graph=true through the runner: the same steps, budget and ranks as the eager loop, and a
     loss curve that follows it (the capturable optimizer and graph-replayed dropout differ in the last bits,
@@ -197,7 +199,7 @@ def test_cuda_graph_training_runs_the_same_schedule_as_eager(tmp_path, method, e
     graph = run(tiny_config(tmp_path, *common, "train.cuda_graph=true"), tmp_path / "graph")
     assert graph["steps"] == eager["steps"] == T
     assert graph["budget_curve"] == eager["budget_curve"]
-    if method == "adalora":
+    if method in ("adalora", "increlora"):
         assert sum(graph["final_ranks"].values()) == sum(eager["final_ranks"].values())
     a = [e["train/loss"] for e in eager["train_log"]]
     b = [e["train/loss"] for e in graph["train_log"]]

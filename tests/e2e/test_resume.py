@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # 64 examples in batches of 8: 8 steps per epoch, so 20 steps cross two epoch boundaries and the default
 # evaluation (every epoch) runs at steps 8, 16 and 20. adalora's final phase starts at T - t_f = 16,
 # where the pruned triplets are shrunk away.
-COMPARED = ("value", "best_value", "metrics", "final_ranks", "budget_curve", "steps", "trainable_params", "evals", "train_log")
+COMPARED = ("value", "best_value", "metrics", "final_ranks", "budget_curve", "steps", "trainable_params", "evals", "train_log",
+            "allocation_events", "kept_triplets")
 
 
 def _uninterrupted(tmp_path, monkeypatch, overrides):

@@ -392,7 +392,7 @@ def test_where_the_rank_went_and_plots(tmp_path, capsys):
         _write(tmp_path, "rte", "lora", 2, seed, 0.6, lr=1e-3, val=0.8)
     code, stdout, err = _run([tmp_path, "--out", tmp_path / "o"], capsys)
     assert code == 0 and err == ""
-    assert "and 5 plot(s)" in stdout  # metric vs budget, 2 heatmaps, 2 budget curves
+    assert "and 6 plot(s)" in stdout  # metric vs budget, 2 heatmaps, 2 budget curves, the seeds' agreement
     md = (tmp_path / "o" / "summary.md").read_text()
     section = md.split("## Where the rank went")[1].split("\n## ")[0]
     by_type, by_layer = section.split("### By layer")
