@@ -63,9 +63,10 @@ def test_a_copied_model_keeps_its_own_watch():
     assert all(m._forward_pre_hooks for _, m in adarank.svd_adapters(model))  # the original still warns
 
 
-def test_the_runner_never_triggers_it(tmp_path):
+@pytest.mark.parametrize("method", [["method=adalora"], ["method=increlora", "method.delta_t=1"]])
+def test_the_runner_never_triggers_it(tmp_path, method):  # the runner's methods with SVD adapters
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        run(tiny_config(tmp_path, "method=adalora", "train.max_steps=3", "data.max_train_samples=8",
+        run(tiny_config(tmp_path, *method, "train.max_steps=3", "data.max_train_samples=8",
                        "data.max_eval_samples=8"), tmp_path / "out")
     assert unallocated_warnings(record) == []
