@@ -8,6 +8,8 @@ The package has three parts: the algorithm at its top (layers, inject, importanc
 allocator, orth, shrink, export), the runner in `adarank.runner` (config, builders, data, the loop and its
 step unit; `python -m adarank.run`), and the studies in `adarank.studies` (reports and analyses of finished
 runs; `python -m adarank.report`, `python -m adarank.analyze`). The GPU fast path is `adarank.fast`.
+`adarank.AdaRankCallback` (adarank/integrations/trainer.py) drives the allocator in a transformers Trainer; it is
+imported on first use, so `import adarank` does not import the Trainer.
 """
 
 from .allocation import Allocation, Allocator
@@ -21,6 +23,7 @@ from .schedule import Budget, Schedule, budget_at, make_schedule, resolve_budget
 from .topk import topk_keep, truncate_adapter
 
 __all__ = [
+    "AdaRankCallback",
     "Allocation",
     "Allocator",
     "Budget",
@@ -45,3 +48,12 @@ __all__ = [
     "truncate_adapter",
 ]
 
+
+
+def __getattr__(name: str):
+    # lazy: the Trainer pulls in accelerate and more, which the core and the runner never need
+    if name == "AdaRankCallback":
+        from .integrations.trainer import AdaRankCallback
+
+        return AdaRankCallback
+    raise AttributeError(f"module 'adarank' has no attribute {name!r}")

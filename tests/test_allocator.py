@@ -237,6 +237,32 @@ def test_resume_after_shrink_shrinks_the_fresh_model():
         assert torch.equal(m.P, r.P) and torch.equal(m.Q, r.Q)
 
 
+
+def test_resume_after_shrink_with_the_weights_loaded_first():
+    """The transformers Trainer's order: weights (a fresh model takes their shrunk shapes), the optimizer over those
+    parameters, then a new allocator over the shrunk layers and its state; no parameter is replaced."""
+    ref_model, ref_alloc, ref_opt = fresh_run()
+    ref = train(ref_model, ref_alloc, ref_opt, range(1, 15), shrink_at=10)
+    model, alloc, opt = fresh_run()
+    train(model, alloc, opt, range(1, 12), shrink_at=10)
+    ckpt = save(model, alloc, opt)
+
+    model, _, _ = fresh_run(seed=5)
+    model.load_state_dict(ckpt["model"])  # SVDLinear takes the saved ranks
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-2)
+    opt.load_state_dict(ckpt["opt"])
+    alloc = adarank.RankAllocator(adarank.svd_adapters(model), ref_alloc.schedule, ref_alloc.target_total)
+    with pytest.raises(RuntimeError, match="load_state_dict"):  # shrunk layers need the saved state first
+        alloc.step()
+    alloc.load_state_dict(ckpt["alloc"])
+    now = [p for p in model.parameters() if p.requires_grad]
+    assert alloc.shrunk and len(now) == len(params) and all(a is b for a, b in zip(now, params))
+    rest = train(model, alloc, opt, range(12, 15))
+    assert_same_trace(ref, rest)
+    for (_, m), (_, r) in zip(adarank.svd_adapters(model), adarank.svd_adapters(ref_model)):
+        assert torch.equal(m.P, r.P) and torch.equal(m.Q, r.Q)
+
 # ----- cost per step ----------------------------------------------------------------------------
 
 
