@@ -125,7 +125,7 @@ class MethodConfig:
     """The fine-tuning method and its hyperparameters."""
 
     name: str = "adalora"
-    """full, lora, rslora, adalora (ours), peft_lora or peft_adalora (PEFT's implementations)."""
+    """full, lora, rslora, adalora (ours), peft_lora or peft_adalora (PEFT's implementations), sora or sora_fixed."""
     r: int = 8
     """LoRA rank; for adalora/peft_adalora the target average rank (the final budget)."""
     alpha: float = 16.0
@@ -191,6 +191,14 @@ class MethodConfig:
     """Seed of the shuffle transform."""
     rank_pattern_within: Optional[str] = None
     """shuffle only within a matrix type (type) or within a layer (layer); null shuffles over all modules."""
+    sora_xi: float = 0.1
+    """sora/sora_fixed: ξ, the gates' L1 strength: after each optimizer step λ ← sign(λ)·max(|λ| − ξ·lr, 0);
+    for sora the starting value that its controller tunes (adarank/sora.py)."""
+    sora_xi_growth: float = 1.05
+    """sora: the controller's factor ρ > 1: at each masking step ξ ← ξ·ρ while more gates live than the cubic
+    budget, ξ/ρ while fewer."""
+    sora_gate_init: str = "normal"
+    """sora/sora_fixed: normal (SoRA's: λ ~ N(0, 1), P = 0) or zero (adalora's: λ = 0, P, Q ~ N(0, 0.02))."""
 
     def __post_init__(self) -> None:
         from ..importance import SCORES
@@ -232,6 +240,7 @@ class MethodConfig:
         _check(self.orth_weight >= 0, "method.orth_weight", f"must be >= 0, got {self.orth_weight}")
         _check(self.orth_form in ORTH_FORMS, "method.orth_form", f"must be one of {ORTH_FORMS}")
         self._check_rank_pattern()
+        self._check_sora()
         if self.init_rank is not None and self.target_total_rank is None and self.target_params is None:
             _check(self.r <= self.init_rank, "method.r", f"target rank {self.r} exceeds method.init_rank {self.init_rank}")
 
@@ -247,6 +256,14 @@ class MethodConfig:
                f"must be one of {TRANSFORMS} or null, got {self.rank_pattern_transform!r}")
         _check(self.rank_pattern_within in (None, "type", "layer"), "method.rank_pattern_within",
                f"must be null, type or layer, got {self.rank_pattern_within!r}")
+
+    def _check_sora(self) -> None:
+        from ..sora import GATE_INITS
+
+        _check(self.sora_xi >= 0, "method.sora_xi", f"must be >= 0, got {self.sora_xi}")
+        _check(self.sora_xi_growth > 1, "method.sora_xi_growth", f"must be > 1, got {self.sora_xi_growth}")
+        _check(self.sora_gate_init in GATE_INITS, "method.sora_gate_init",
+               f"must be one of {GATE_INITS}, got {self.sora_gate_init!r}")
 
     @property
     def adaptive(self) -> bool:

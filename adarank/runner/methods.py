@@ -25,6 +25,7 @@ from ..layers import base_dims
 from ..orth import OrthGrad
 from ..rank_pattern import load_rank_pattern, resolve_ranks, transform
 from ..schedule import Budget, Schedule, make_schedule, resolve_budget
+from ..sora import SoraAllocator, init_gates_
 from . import peft_baselines
 from .models import DTYPES
 
@@ -210,6 +211,30 @@ def build_adalora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "Mode
                    _save_export(model, model_cfg), final_average_rank(budget.target_total, len(names)))
 
 
+def build_sora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig", targeted: bool = True) -> Adapted:
+    """SoRA: adalora's SVD adapters (budget, shrink, orth regulariser if method.orth_weight > 0) whose λ are gates
+    made sparse by a proximal L1 step (`adarank.sora`). `sora` tunes ξ to land on adalora's final budget;
+    `sora_fixed` keeps ξ (the paper's), and its final rank is where the gates land."""
+    m = method_cfg
+    adapted = build_adalora(model, m, model_cfg)
+    init_gates_([layer for _, layer in svd_adapters(adapted.model)], m.sora_gate_init)
+    if not targeted:
+        adapted.final_rank = None  # known once the final mask is fixed
+
+    def on_final(kept: int) -> None:
+        adapted.final_rank = final_average_rank(kept, len(adapted.targets))
+
+    adapted.make_allocator = lambda schedule: SoraAllocator(
+        svd_adapters(adapted.model), schedule, adapted.target_total, m.sora_xi, targeted, m.sora_xi_growth,
+        shrink_at_final=m.shrink, on_final=None if targeted else on_final)
+    return adapted
+
+
+def build_sora_fixed(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """SoRA with a fixed ξ, as in the paper."""
+    return build_sora(model, method_cfg, model_cfg, targeted=False)
+
+
 def build_peft_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
     """PEFT's own LoRA, in our loop."""
     m = method_cfg
@@ -245,4 +270,6 @@ METHODS: dict[str, MethodSpec] = {
     "adalora": MethodSpec(build_adalora, adaptive=True, fusable=True),
     "peft_lora": MethodSpec(build_peft_lora, peft=True),
     "peft_adalora": MethodSpec(build_peft_adalora, adaptive=True, peft=True),
+    "sora": MethodSpec(build_sora, adaptive=True, fusable=True),
+    "sora_fixed": MethodSpec(build_sora_fixed, adaptive=True, fusable=True),
 }
