@@ -18,6 +18,7 @@ from .inject import ParamReport, adapters, find_targets, inject, param_report, s
 from .layers import LoraLinear, SVDLinear
 from .orth import orth_grad_, orth_penalty
 from .schedule import Budget, Schedule, budget_at, make_schedule, resolve_budget
+from .sora import SoraAllocator
 
 __all__ = [
     "Allocation",
@@ -29,6 +30,7 @@ __all__ = [
     "SCORES",
     "SVDLinear",
     "Schedule",
+    "SoraAllocator",
     "adapters",
     "budget_at",
     "export_peft",

@@ -15,7 +15,9 @@ Two variants (`targeted`):
 - budget-targeted (`targeted=True`): ξ starts at `xi` and is tuned by a controller so the live count follows
   AdaLoRA's cubic budget b(t) (`schedule.budget_at`). At every masking step of the budgeting phase (every ΔT
   steps), n_t = #(λ ≠ 0) after the threshold: ξ ← ξ·ρ if n_t > b(t), ξ ← ξ/ρ if n_t < b(t), unchanged if
-  equal (ρ = `xi_growth`). At t = T − t_f the threshold is applied once more, then the remainder is hard-pruned
+  equal. ρ = `xi_growth`; by default it is derived from the schedule, ρ = 10^(4/M) with M the number of masking
+  steps in the budgeting phase, so that ξ can move four decades over it however long the run is (a fixed ρ is
+  either too slow for a short run, where the final prune then does all the work, or too jumpy for a long one). At t = T − t_f the threshold is applied once more, then the remainder is hard-pruned
   by |λ|: exactly `target_total` triplets, those of largest |λ|, are kept (ties by position), so the run ends
   on AdaLoRA's final budget and the two compare at equal parameters. Should fewer than the target be alive
   then, the kept set is filled up with dead triplets (λ = 0), which train on from zero.
@@ -82,19 +84,24 @@ class SoraAllocator:
         target_total: final budget in triplets (targeted: landed on exactly; fixed: only checked for range).
         xi: ξ, the L1 strength (>= 0); targeted: its starting value.
         targeted: tune ξ to follow the cubic budget and hard-prune to `target_total` at T − t_f.
-        xi_growth: ρ > 1, the controller's factor per masking step (targeted only).
+        xi_growth: ρ > 1, the controller's factor per masking step (targeted only); None: 10^(4/M), M the
+            masking steps of the budgeting phase.
         shrink_at_final: whether `maybe_shrink` removes the dead triplets once the final mask is fixed.
         on_final: called with the number of kept triplets when the final mask is fixed (and again when a
             resumed run restores a fixed mask).
     """
 
     def __init__(self, layers: Sequence[tuple[str, SVDLinear]], schedule: Schedule, target_total: int,
-                 xi: float, targeted: bool = True, xi_growth: float = 1.05, shrink_at_final: bool = False,
+                 xi: float, targeted: bool = True, xi_growth: float | None = None, shrink_at_final: bool = False,
                  on_final: Callable[[int], None] | None = None) -> None:
         if not layers:
             raise ValueError("method.targets: the model has no SVD adapters to gate")
         if not xi >= 0:
             raise ValueError(f"method.sora_xi: must be >= 0, got {xi}")
+        if xi_growth is None:
+            end = schedule.total - schedule.t_final
+            masking = sum(1 for t in range(schedule.t_init + 1, end) if t % schedule.delta_t == 0)
+            xi_growth = 10 ** (4 / max(1, masking))
         if not xi_growth > 1:
             raise ValueError(f"method.sora_xi_growth: must be > 1, got {xi_growth}")
         self.names = [n for n, _ in layers]

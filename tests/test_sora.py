@@ -93,6 +93,12 @@ def test_targeted_variant_follows_the_budget_and_lands_exactly_on_it():
                 assert opt.state[p]["exp_avg"].shape == p.shape
 
 
+def test_the_default_growth_lets_xi_move_four_decades_over_the_budgeting_phase():
+    layers = adarank.svd_adapters(svd_bert()[0])
+    alloc = SoraAllocator(layers, Schedule(total=125, t_init=12, t_final=25, delta_t=5), 20, xi=0.1)
+    assert alloc.xi_growth == pytest.approx(10 ** (4 / 17))  # masking at t = 15, 20, ..., 95
+
+
 def test_fixed_variant_keeps_the_gates_that_live():
     _, layers, alloc, _, trace = train_tiny(dict(target_total=20, xi=1.0, targeted=False, shrink_at_final=True))
     xis = {xi for _, xi, _, _ in trace}

@@ -194,9 +194,9 @@ class MethodConfig:
     sora_xi: float = 0.1
     """sora/sora_fixed: ξ, the gates' L1 strength: after each optimizer step λ ← sign(λ)·max(|λ| − ξ·lr, 0);
     for sora the starting value that its controller tunes (adarank/sora.py)."""
-    sora_xi_growth: float = 1.05
+    sora_xi_growth: Optional[float] = None
     """sora: the controller's factor ρ > 1: at each masking step ξ ← ξ·ρ while more gates live than the cubic
-    budget, ξ/ρ while fewer."""
+    budget, ξ/ρ while fewer; null: 10^(4/M), M the masking steps of the budgeting phase (ξ can move 4 decades)."""
     sora_gate_init: str = "normal"
     """sora/sora_fixed: normal (SoRA's: λ ~ N(0, 1), P = 0) or zero (adalora's: λ = 0, P, Q ~ N(0, 0.02))."""
 
@@ -261,7 +261,8 @@ class MethodConfig:
         from ..sora import GATE_INITS
 
         _check(self.sora_xi >= 0, "method.sora_xi", f"must be >= 0, got {self.sora_xi}")
-        _check(self.sora_xi_growth > 1, "method.sora_xi_growth", f"must be > 1, got {self.sora_xi_growth}")
+        _check(self.sora_xi_growth is None or self.sora_xi_growth > 1, "method.sora_xi_growth",
+               f"must be > 1 or null, got {self.sora_xi_growth}")
         _check(self.sora_gate_init in GATE_INITS, "method.sora_gate_init",
                f"must be one of {GATE_INITS}, got {self.sora_gate_init!r}")
 
