@@ -135,8 +135,10 @@ class SoraAllocator:
         self._views = [views[i] for i in live]
         self._group: tuple[int, int] | None = None  # (id(optimizer), index of λ's param group)
 
+    @torch.no_grad()
     def _flat_lams(self) -> torch.Tensor:
-        return torch._C._nn.flatten_dense_tensors([m.lam.detach() for m in self.layers])
+        """All gates as one flat tensor in module order (a rank-0 module holds none)."""
+        return torch._C._nn.flatten_dense_tensors(self._lams)
 
     @torch.no_grad()
     def _write(self, flat: torch.Tensor) -> None:
