@@ -21,6 +21,7 @@ from .layers import LoraLinear, SVDLinear
 from .orth import orth_grad_, orth_penalty
 from .schedule import Budget, Schedule, budget_at, make_schedule, resolve_budget
 from .topk import topk_keep, truncate_adapter
+from .sora import SoraAllocator
 
 __all__ = [
     "AdaRankCallback",
@@ -33,6 +34,7 @@ __all__ = [
     "SCORES",
     "SVDLinear",
     "Schedule",
+    "SoraAllocator",
     "adapters",
     "budget_at",
     "export_peft",

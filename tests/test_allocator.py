@@ -344,3 +344,32 @@ def test_op_count_of_an_increlora_step_does_not_grow_with_depth():
     two, twelve = ops_of_increlora_steps(2), ops_of_increlora_steps(12)
     print("\nincrelora aten ops (scoring step, growth step, growth hand-off):", [sum(c.values()) for c in two])
     assert two == twelve
+
+
+def ops_of_one_sora_step(n_layers: int) -> tuple[int, collections.Counter, int]:
+    """The aten ops of one budget-targeted SoRA step in the budgeting phase: the proximal step on every gate,
+    the new mask and the controller's update of ξ."""
+    from adarank.sora import SoraAllocator
+
+    model, _ = svd_bert(layers=n_layers)
+    layers = adarank.svd_adapters(model)
+    alloc = SoraAllocator(layers, Schedule(total=20, t_init=2, t_final=5, delta_t=1), 2 * len(layers), xi=0.5)
+    opt = torch.optim.SGD([m.lam for _, m in layers], lr=0.1)  # only its lr is read
+    for t in range(1, 5):
+        drive(layers, t, scale=0.5)
+        alloc.step()
+        alloc.maybe_shrink(opt)
+    drive(layers, 5, scale=0.5)
+    with CountOps() as counter:
+        a = alloc.step()
+    assert a.phase == "budget" and a.threshold is not None
+    return sum(counter.ops.values()), counter.ops, len(layers)
+
+
+def test_sora_op_count_of_a_step_does_not_grow_with_depth():
+    n2, ops2, m2 = ops_of_one_sora_step(2)
+    n12, ops12, m12 = ops_of_one_sora_step(12)
+    print(f"\nSoRA: aten ops per step: {n2} with {m2} adapters (2 layers), {n12} with {m12} adapters (12 layers)")
+    print("ops:", dict(sorted(ops2.items())))
+    assert (m2, m12) == (11, 61)
+    assert ops2 == ops12 and n2 == n12

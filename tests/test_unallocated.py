@@ -63,7 +63,12 @@ def test_a_copied_model_keeps_its_own_watch():
     assert all(m._forward_pre_hooks for _, m in adarank.svd_adapters(model))  # the original still warns
 
 
-@pytest.mark.parametrize("method", [["method=adalora"], ["method=increlora", "method.delta_t=1"]])
+#: every runner method that builds SVD adapters (svd on purpose without an allocator)
+SVD_METHODS = [["method=adalora"], ["method=increlora", "method.delta_t=1"], ["method=svd"], ["method=sora"],
+               ["method=sora_fixed"]]
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
 def test_the_runner_never_triggers_it(tmp_path, method):  # the runner's methods with SVD adapters
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

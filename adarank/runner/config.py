@@ -165,7 +165,8 @@ class MethodConfig:
 
     name: str = "adalora"
     """full, lora, rslora, adalora (ours), increlora (rank growth), svd (adalora's adapter, no allocation), eva
-    (data-driven ranks and A at init), peft_lora or peft_adalora (PEFT's implementations)."""
+    (data-driven ranks and A at init), sora or sora_fixed (gated sparsity), peft_lora or peft_adalora (PEFT's
+    implementations)."""
     r: int = 8
     """LoRA rank; for adalora/peft_adalora the target average rank (the final budget)."""
     alpha: float = 16.0
@@ -237,6 +238,14 @@ class MethodConfig:
     """shuffle only within a matrix type (type) or within a layer (layer); null shuffles over all modules."""
     eva: EvaConfig = field(default_factory=EvaConfig)
     """eva: the data-driven init's settings (method.eva.rho, ...); the other methods ignore them."""
+    sora_xi: float = 0.1
+    """sora/sora_fixed: ξ, the gates' L1 strength: after each optimizer step λ ← sign(λ)·max(|λ| − ξ·lr, 0);
+    for sora the starting value that its controller tunes (adarank/sora.py)."""
+    sora_xi_growth: Optional[float] = None
+    """sora: the controller's factor ρ > 1: at each masking step ξ ← ξ·ρ while more gates live than the cubic
+    budget, ξ/ρ while fewer; null: 10^(4/M), M the masking steps of the budgeting phase (ξ can move 4 decades)."""
+    sora_gate_init: str = "normal"
+    """sora/sora_fixed: normal (SoRA's: λ ~ N(0, 1), P = 0) or zero (adalora's: λ = 0, P, Q ~ N(0, 0.02))."""
 
     def __post_init__(self) -> None:
         from ..importance import SCORES
@@ -280,6 +289,7 @@ class MethodConfig:
         self._check_rank_pattern()
         _check(self.top_h >= 1, "method.top_h", f"must be >= 1, got {self.top_h}")
         _check(self.grow_by >= 1, "method.grow_by", f"must be >= 1, got {self.grow_by}")
+        self._check_sora()
         if self.init_rank is not None and self.target_total_rank is None and self.target_params is None:
             if METHODS[self.name].grows:  # it grows from init_rank up to r
                 _check(self.init_rank <= self.r, "method.init_rank", f"starting rank {self.init_rank} exceeds the target "
@@ -308,6 +318,15 @@ class MethodConfig:
                f"must be one of {TRANSFORMS} or null, got {self.rank_pattern_transform!r}")
         _check(self.rank_pattern_within in (None, "type", "layer"), "method.rank_pattern_within",
                f"must be null, type or layer, got {self.rank_pattern_within!r}")
+
+    def _check_sora(self) -> None:
+        from ..sora import GATE_INITS
+
+        _check(self.sora_xi >= 0, "method.sora_xi", f"must be >= 0, got {self.sora_xi}")
+        _check(self.sora_xi_growth is None or self.sora_xi_growth > 1, "method.sora_xi_growth",
+               f"must be > 1 or null, got {self.sora_xi_growth}")
+        _check(self.sora_gate_init in GATE_INITS, "method.sora_gate_init",
+               f"must be one of {GATE_INITS}, got {self.sora_gate_init!r}")
 
     @property
     def adaptive(self) -> bool:
