@@ -93,7 +93,9 @@ def _backward_op(grads: Sequence[Tensor | None], h: Tensor, a_all: Tensor, t_all
             [b if r else None for b, r in zip(bs, layout.ranks)],
             [v if s and r else None for v, s, r in zip(vs, svd, layout.ranks)], p1s)
     params = [p for i in range(n) for p in (p1s[i], p2s[i], lams[i])]
-    gs = [g for i in range(n) for g in out[5 * i + fused._P1:5 * i + fused._LAM + 1]]
+    # a group's LoRA A gradients are row blocks of one GEMM's result: an op's outputs may not share memory
+    gs = [g.clone() if g is not None and g._base is not None else g
+          for i in range(n) for g in out[5 * i + fused._P1:5 * i + fused._LAM + 1]]
     gx_like = h.new_empty((*h.shape[:-1], weights[0].shape[1]))  # x has h's shape
     return [_filled(grad_x, needs[0] or (same_input and needs[1]), gx_like),
             _filled(grad_h, needs[1] and not same_input, h),
@@ -147,7 +149,9 @@ def _backward(ctx, grads):
     bs, vs, weights, p1s, p2s, lams = (list(saved[3 + k * n:3 + (k + 1) * n]) for k in range(6))
     need = ctx.needs_input_grad  # per input; a list input of tensors has a list of flags
     nx, nh = bool(need[0]), bool(need[1])
-    flags = [(bool(need[7][i]), bool(need[8][i]), bool(need[9][i]) and ctx.svd[i]) for i in range(n)]
+    # an adapter whose output got no gradient gives its factors none (None, as in eager mode, not zeros)
+    flags = [(bool(need[7][i]), bool(need[8][i]), bool(need[9][i]) and ctx.svd[i]) if grads[i] is not None
+             else (False, False, False) for i in range(n)]
     needs = [nx, nh, *(f for fl in flags for f in fl)]
     out = _backward_op(list(grads[:n]), h, a_all, t_all, ctx.same_input, ctx.svd, ctx.scales, needs, weights,
                        bs, vs, p1s, p2s, lams)
