@@ -459,6 +459,12 @@ RATIOS = {
     "adalora+fused+graph/floor+graph": ("adalora+fused+graph", "floor+graph", "median_ms"),
     "adalora+fused+graph_mem/lora+fused+graph_mem": ("adalora+fused+graph", "lora+fused+graph", "peak_gib"),
     "adalora_final+fused+graph/lora+fused+graph": ("adalora_final+fused+graph", "lora+fused+graph", "median_ms"),
+    # fused adapters under torch.compile (adarank/fast/ops.py keeps them as opaque ops)
+    "lora+fused+compile/floor+compile": ("lora+fused+compile", "floor+compile", "median_ms"),
+    "adalora+fused+compile/floor+compile": ("adalora+fused+compile", "floor+compile", "median_ms"),
+    "lora+fused+compile/lora+compile": ("lora+fused+compile", "lora+compile", "median_ms"),
+    "adalora+fused+compile/adalora+compile": ("adalora+fused+compile", "adalora+compile", "median_ms"),
+    "adalora+fused+compile/lora+fused+compile": ("adalora+fused+compile", "lora+fused+compile", "median_ms"),
     # gradient checkpointing (+ckpt): its time and memory against the same variant without it
     **{f"{v}+ckpt{m}/{v}{m}": (f"{v}+ckpt", v, key) for v in ("lora", "adalora", "lora+fused", "adalora+fused")
        for m, key in (("", "median_ms"), ("_mem", "peak_gib"))},
@@ -556,7 +562,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help=f"also run {','.join(COMPILE_DEFAULT)} under torch.compile")
     p.add_argument("--graph", action="store_true", help=f"also run {','.join(GRAPH_DEFAULT)} as CUDA graphs (+graph)")
     p.add_argument("--fused", action="store_true",
-                   help=f"also run {','.join(FUSED_DEFAULT)} with fused adapters (+fused; with --graph also +fused+graph)")
+                   help=f"also run {','.join(FUSED_DEFAULT)} with fused adapters (+fused; with --graph also +fused+graph, "
+                        "with --compile also +fused+compile)")
     p.add_argument("--ckpt", action="store_true",
                    help="also run every variant of the run under gradient checkpointing (+ckpt), as "
                         "train.gradient_checkpointing=true does")
@@ -604,6 +611,8 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
             vs += [v + "+fused+graph" for v in plain if v in FUSED_DEFAULT]
     if args.compile:
         vs += [v + "+compile" for v in plain if v in COMPILE_DEFAULT]
+        if args.fused:
+            vs += [v + "+fused+compile" for v in plain if v in FUSED_DEFAULT]
     if args.ckpt:
         vs += [with_ckpt(v) for v in vs if not checkpointed(v)]
     vs = list(dict.fromkeys(vs))
