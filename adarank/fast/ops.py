@@ -16,7 +16,8 @@ The same computation as eager mode (fused._forward / fused._backward), with two 
 - the ops take lists, so one op can serve a group; the fast path gives each layer an op of its own (the
   siblings' run-time grouping is Python state that the compiler would re-check, and recompile on, at every
   forward).
-A shrink changes the factors' shapes, so the compiled graph is recompiled once after it.
+A shrink changes the factors' shapes (and pruning to rank 0 their layout), so dynamo recompiles after it;
+this is expected (the runner wraps the model in a new torch.compile after a shrink anyway).
 """
 
 from __future__ import annotations
