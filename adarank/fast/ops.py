@@ -20,10 +20,10 @@ A shrink changes the factors' shapes (and pruning to rank 0 their layout), so dy
 this is expected (the runner wraps the model in a new torch.compile after a shrink anyway).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: torch.library reads the ops' schemas from these annotations, and
+# older torch versions take types, not strings (hence typing's List, Optional and Sequence too)
 import math
-from collections.abc import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -44,14 +44,14 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _lams(svd: Sequence[bool], lams: Sequence[Tensor]) -> list[Tensor | None]:
+def _lams(svd: Sequence[bool], lams: Sequence[Tensor]) -> List[Optional[Tensor]]:
     return [lam if s else None for s, lam in zip(svd, lams)]
 
 
 @torch.library.custom_op(_OP, mutates_args=())
 def _forward_op(x: Tensor, h: Tensor, same_input: bool, svd: Sequence[bool], scales: Sequence[float],
-                weights: Sequence[Tensor], biases: Sequence[Tensor | None], p1s: Sequence[Tensor],
-                p2s: Sequence[Tensor], lams: Sequence[Tensor]) -> list[Tensor]:
+                weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], p1s: Sequence[Tensor],
+                p2s: Sequence[Tensor], lams: Sequence[Tensor]) -> List[Tensor]:
     """[y per adapter, a_all, t_all, b per adapter, v per adapter] (empty placeholders where fused._forward
     has None; a LoRA adapter's λ is a placeholder too)."""
     h = x if same_input else h
@@ -77,10 +77,10 @@ def _forward_fake(x, h, same_input, svd, scales, weights, biases, p1s, p2s, lams
 
 
 @torch.library.custom_op("adarank::adapted_linears_backward", mutates_args=())
-def _backward_op(grads: Sequence[Tensor | None], h: Tensor, a_all: Tensor, t_all: Tensor, same_input: bool,
+def _backward_op(grads: Sequence[Optional[Tensor]], h: Tensor, a_all: Tensor, t_all: Tensor, same_input: bool,
                  svd: Sequence[bool], scales: Sequence[float], needs: Sequence[bool], weights: Sequence[Tensor],
                  bs: Sequence[Tensor], vs: Sequence[Tensor], p1s: Sequence[Tensor], p2s: Sequence[Tensor],
-                 lams: Sequence[Tensor]) -> list[Tensor]:
+                 lams: Sequence[Tensor]) -> List[Tensor]:
     """[grad_x, grad_h, then per adapter grad p1, p2, λ]. `needs`: (x, h, then per adapter p1, p2, λ) as
     autograd asks; a gradient not asked for is an empty placeholder, one asked for is always a tensor."""
     n = len(svd)
@@ -103,7 +103,7 @@ def _backward_op(grads: Sequence[Tensor | None], h: Tensor, a_all: Tensor, t_all
             *(_filled(g, need, p) for g, need, p in zip(gs, needs[2:], params))]
 
 
-def _filled(grad: Tensor | None, need: bool, like: Tensor) -> Tensor:
+def _filled(grad: Optional[Tensor], need: bool, like: Tensor) -> Tensor:
     """The gradient if asked for (zeros where nothing flowed), else a placeholder."""
     if not need:
         return _empty(like)
