@@ -189,7 +189,7 @@ class MethodConfig:
     (adarank/fast/fused.py), and adapted layers called on one tensor (q, k, v; gate, up) as one such function
     (adarank/fast/siblings.py): fewer passes over activations and tensor-core aligned ranks, so faster on a GPU.
     Equal to the unfused path up to rounding; off by default because the results in results/ were
-    produced without it. Under train.compile the layers take the unfused path, which the compiler fuses."""
+    produced without it. Under train.compile each fused layer is one opaque custom op (adarank/fast/ops.py)."""
     lr: Optional[float] = None
     """Overrides train.lr for this method (e.g. full fine-tuning wants a smaller one)."""
     init_rank: Optional[int] = None
