@@ -17,6 +17,8 @@ __all__ = ["MAY_DIFFER", "ResumeRefused", "check_resumable", "config_differences
 MAY_DIFFER = frozenset({
     "resume", "overwrite", "data.dir", "data.cache_dir", "train.device", "train.progress", "train.log_every",
     "train.checkpoint_every", "train.check_masks", "train.cuda_graph_shapes", "wandb.mode", "wandb.project",
+    # the switches train.speed resolved to (method.fused, train.cuda_graph, ...) are compared themselves
+    "train.speed",
 })
 
 
