@@ -96,6 +96,9 @@ def test_variant_names_and_run_order():
     assert [w for w, _ in bench.jobs(args)][:3] == ["W1", "W1", "W1"]  # eager variants of every workload first
     names = bench.all_variant_names()
     assert len(names) == len(set(names)) and set(order) <= set(names)
+    args = bench.parse_args(["--out", "x", "--workloads", "W2", "--variants", "floor,lora", "--fused", "--compile"])
+    assert [v for _, v in bench.jobs(args)] == ["floor", "lora", "lora+fused", "floor+compile", "lora+compile",
+                                                "lora+fused+compile"]
 
 
 def test_smoke_fused_variants(tmp_path):

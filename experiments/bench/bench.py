@@ -57,7 +57,7 @@ FUSABLE = ("lora", "rslora", "adalora", "adalora_final")
 #: full compilation to learn nothing; ask for it by name.
 COMPILE_DEFAULT = ("floor", "lora", "adalora", "adalora_final")
 GRAPH_DEFAULT = COMPILE_DEFAULT  # what --graph adds
-FUSED_DEFAULT = ("lora", "adalora", "adalora_final")  # what --fused adds (also with +graph under --graph)
+FUSED_DEFAULT = ("lora", "adalora", "adalora_final")  # what --fused adds (+fused+graph, +fused+compile too)
 
 
 def split_variant(name: str) -> tuple[str, bool, str]:
@@ -558,7 +558,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help=f"also run {','.join(COMPILE_DEFAULT)} under torch.compile")
     p.add_argument("--graph", action="store_true", help=f"also run {','.join(GRAPH_DEFAULT)} as CUDA graphs (+graph)")
     p.add_argument("--fused", action="store_true",
-                   help=f"also run {','.join(FUSED_DEFAULT)} with fused adapters (+fused; with --graph also +fused+graph)")
+                   help=f"also run {','.join(FUSED_DEFAULT)} with fused adapters (+fused; with --graph also +fused+graph, with --compile +fused+compile)")
     p.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks",
                    help="blocks: compile each transformer block (fast to compile; default); model: the whole model")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: trace only, for tests)")
@@ -603,6 +603,8 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
             vs += [v + "+fused+graph" for v in plain if v in FUSED_DEFAULT]
     if args.compile:
         vs += [v + "+compile" for v in plain if v in COMPILE_DEFAULT]
+        if args.fused:  # a candidate for each family's best mode ("best" in the JSON)
+            vs += [v + "+fused+compile" for v in plain if v in FUSED_DEFAULT]
     vs = list(dict.fromkeys(vs))
     # eager first, then graphs (no compilation time), then compile (it changes dynamo's global state), so a
     # run cut short by the time budget still has the main numbers
