@@ -44,3 +44,8 @@ def test_smoke_row_writes_runner_json(tmp_path):
     assert row["speed"] == {"requested": "auto", "mode": "eager", "reason": "not a CUDA device"}  # a CPU: eager
     assert res["workloads"]["minilm_sst2"]["speedups"] == {"lora/auto over lora/eager": None,  # neither was run
                                                           "lora/auto over peft_lora": None}
+    # --resume keeps a measured row (the fake command would fail if it ran again)
+    rb.run_row = lambda *a: {"error": "ran again", "wall_s": 0.0}
+    assert rb.main(["--smoke", "--out", str(out), "--workloads", "minilm_sst2", "--methods", "lora", "--modes", "auto",
+                    "--no-peft", "--steps", "3", "--resume"]) == 0
+    assert json.loads(out.read_text())["workloads"]["minilm_sst2"]["runs"]["lora/auto"] == row

@@ -139,9 +139,10 @@ def _graph_blocker(f: Facts) -> Optional[str]:
 def _auto(f: Facts) -> tuple[Mode, str]:
     if f.device_type != "cuda":
         return MODES["eager"], "not a CUDA device"
-    if not f.fusable or f.grows or f.peft:
-        what = "increlora's growth replaces the graphs' parameters" if f.grows else "no fast mode was measured faster"
-        return MODES["eager"], f"the method has no measured fast mode ({what})"
+    if f.grows:
+        return MODES["eager"], "no fast mode measured for a growing method (increlora: each growth drops the graphs)"
+    if not f.fusable or f.peft:
+        return MODES["eager"], "no fast mode of this method was measured faster"
     blocker = _graph_blocker(f)
     if blocker is not None:
         return MODES["eager"], f"no CUDA graphs ({blocker}); fused alone was not faster"

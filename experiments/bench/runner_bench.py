@@ -2,7 +2,7 @@
 against train.speed=eager, and PEFT's LoRA/AdaLoRA through the same loop.
 
     python experiments/bench/runner_bench.py --out results/bench/runner.json [--workloads minilm_sst2,w2]
-        [--methods lora,adalora] [--modes auto,eager] [--steps 60] [--data-dir DIR] [--no-peft] [--smoke]
+        [--methods lora,adalora] [--modes auto,eager] [--steps 60] [--data-dir DIR] [--no-peft] [--resume] [--smoke]
 
 Each row is one process (`python -m adarank.run ...`, so nothing compiled or captured by one row serves
 another); its steps/s is results.json's `steps_per_second`: the training steps after the first, without
@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=os.environ.get("ADARANK_DATA"), help="GLUE TSV folder (minilm_sst2)")
     p.add_argument("--work-dir", default=None, help="where the runs write (default: next to --out)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    p.add_argument("--resume", action="store_true", help="keep the rows --out already holds without an error")
     p.add_argument("--no-peft", dest="peft", action="store_false", help="leave PEFT's rows out")
     p.add_argument("--smoke", action="store_true", help="tiny models on a CPU, a few steps")
     args = p.parse_args(argv)
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or Path(args.out).with_suffix("").as_posix() + "_runs")
     result = {"settings": {"steps": args.steps, "smoke": args.smoke, "methods": args.methods, "modes": args.modes},
               "workloads": {}}
+    if args.resume and Path(args.out).exists():  # e.g. one workload per call, into one file
+        previous = json.loads(Path(args.out).read_text())
+        result["workloads"] = previous.get("workloads", {})
     failed = False
     for w in args.workloads:
         full, smoke = WORKLOADS[w]
@@ -123,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             base.append(f"data.dir={args.data_dir}")
         if w == "minilm_sst2" and not args.smoke:  # one epoch: no evaluation between the timed steps
             base.append(f"data.max_train_samples={32 * (args.steps + 1)}")
+        kept = result["workloads"].get(w, {}).get("runs", {})
         entry = result["workloads"][w] = {"overrides": base, "runs": {}, "speedups": {}}
         for name, extra in rows(args.methods, args.modes, args.peft):
+            if name in kept and "error" not in kept[name]:
+                entry["runs"][name] = kept[name]
+                continue
             res = run_row([*base, *extra], work / w / name.replace("/", "_"), args.timeout)
             failed |= "error" in res
             entry["runs"][name] = res

@@ -28,8 +28,8 @@ TABLE = [
     ({"precision": "fp16"}, EAGER, "GradScaler"),
     ({"world_size": 2}, EAGER, "2 processes"),
     ({"quantized": True}, EAGER, "NF4"),
-    ({"fusable": False}, EAGER, "no measured fast mode"),  # full fine-tuning
-    ({"fusable": False, "peft": True}, EAGER, "no measured fast mode"),
+    ({"fusable": False}, EAGER, "no fast mode"),  # full fine-tuning
+    ({"fusable": False, "peft": True}, EAGER, "no fast mode"),
     ({"grows": True}, EAGER, "increlora"),
     ({"precision": None}, FUSED_GRAPH, "fastest measured"),  # fp32 autocast off: graphs still run
     ({"model_type": "llama", "causal": True}, Mode(fused=True, cuda_graph=True), "fastest measured"),  # packed blocks
