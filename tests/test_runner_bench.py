@@ -1,5 +1,5 @@
 """The runner-level benchmark (experiments/bench/runner_bench.py): its rows, its ratios, and one smoke row end to
-end through `python -m adarank.run` on a CPU."""
+end through the runner's command line on a CPU (in this process: a new interpreter per row costs seconds)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_smoke_row_writes_runner_json(tmp_path):
     rb = _module()
     out = tmp_path / "runner.json"
     assert rb.main(["--smoke", "--out", str(out), "--workloads", "minilm_sst2", "--methods", "lora", "--modes", "auto",
-                    "--no-peft", "--steps", "3"]) == 0
+                    "--no-peft", "--steps", "3", "--in-process"]) == 0
     res = json.loads(out.read_text())
     assert res["settings"] == {"steps": 3, "smoke": True, "methods": ["lora"], "modes": ["auto"]}
     (name, row), = res["workloads"]["minilm_sst2"]["runs"].items()

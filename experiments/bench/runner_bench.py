@@ -5,7 +5,7 @@ against train.speed=eager, and PEFT's LoRA/AdaLoRA through the same loop.
         [--methods lora,adalora] [--modes auto,eager] [--steps 60] [--data-dir DIR] [--no-peft] [--resume] [--smoke]
 
 Each row is one process (`python -m adarank.run ...`, so nothing compiled or captured by one row serves
-another); its steps/s is results.json's `steps_per_second`: the training steps after the first, without
+another; `--in-process` runs them in this one instead, for the CPU test); its steps/s is results.json's `steps_per_second`: the training steps after the first, without
 evaluation, checkpoints or graph captures (adarank/runner/train.py). runner.json is rewritten atomically after
 every row; a row that fails is recorded with its error and the others still run.
 
@@ -54,18 +54,34 @@ def rows(methods: list[str], modes: list[str], peft: bool = True) -> list[tuple[
     return out + ([(PEFT[m], [f"method={PEFT[m]}"]) for m in methods] if peft else [])
 
 
-def run_row(overrides: list[str], run_dir: Path, timeout: float) -> dict:
-    """One `python -m adarank.run`; what its results.json says of speed, or the error."""
-    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "adarank.run", *overrides, f"hydra.run.dir={run_dir}"]
-    t0 = time.perf_counter()
+def _in_process(argv: list[str]) -> tuple[int, str]:
+    """The runner's command line in this process (the CPU test's rows: no interpreter start-up per row)."""
+    from adarank.runner import cli
+
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s", "wall_s": round(time.perf_counter() - t0, 1)}
+        cli.main(argv)
+    except SystemExit as e:
+        return (e.code or 0) if isinstance(e.code, int) else 1, str(e.code)
+    return 0, ""
+
+
+def run_row(overrides: list[str], run_dir: Path, timeout: float, in_process: bool = False) -> dict:
+    """One `python -m adarank.run`; what its results.json says of speed, or the error."""
+    argv = [*overrides, f"hydra.run.dir={run_dir}"]
+    t0 = time.perf_counter()
+    if in_process:
+        code, err = _in_process(argv)
+    else:
+        env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "adarank.run", *argv], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s", "wall_s": round(time.perf_counter() - t0, 1)}
+        code, err = proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1]
     wall = round(time.perf_counter() - t0, 1)
-    if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}", "wall_s": wall}
+    if code != 0:
+        return {"error": f"exit {code}: {err}", "wall_s": wall}
     res = json.loads((run_dir / "results.json").read_text())
     return {"steps_per_second": res["steps_per_second"], "train_seconds": res["train_seconds"], "steps": res["steps"],
             "speed": res.get("speed"), "compile": res.get("compile"), "cuda_graph": res.get("cuda_graph"),
@@ -100,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="keep the rows --out already holds without an error")
     p.add_argument("--no-peft", dest="peft", action="store_false", help="leave PEFT's rows out")
     p.add_argument("--smoke", action="store_true", help="tiny models on a CPU, a few steps")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the rows in this process instead of one process each (the CPU test does)")
     args = p.parse_args(argv)
     args.workloads, args.methods, args.modes = (s.split(",") for s in (args.workloads, args.methods, args.modes))
     unknown = [w for w in args.workloads if w not in WORKLOADS] + [m for m in args.methods if m not in PEFT]
@@ -133,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in kept and "error" not in kept[name]:
                 entry["runs"][name] = kept[name]
                 continue
-            res = run_row([*base, *extra], work / w / name.replace("/", "_"), args.timeout)
+            res = run_row([*base, *extra], work / w / name.replace("/", "_"), args.timeout, args.in_process)
             failed |= "error" in res
             entry["runs"][name] = res
             entry["speedups"] = speedups(entry["runs"], args.methods, args.modes)
