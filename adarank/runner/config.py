@@ -372,6 +372,11 @@ class TrainConfig:
     non-reentrant checkpointing): less activation memory for one more forward pass per step. The same
     gradients and masks (adarank/runner/gradient_checkpointing.py); refused for model classes transformers
     cannot checkpoint (MPNet)."""
+    speed: str = "auto"
+    """Which fast paths the run takes: auto, eager, fused, graph, fused+graph, compile or fused+compile (sets
+    method.fused, train.compile, train.cuda_graph). auto: eager on a CPU; on one CUDA device fused+graph for lora,
+    rslora and adalora where graphs can run (data.length_buckets left as set), else eager; switches set to
+    true by hand are kept. adarank/runner/speed.py gives the rule and the measurements it rests on."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     eval_every: int = 0
@@ -401,6 +406,9 @@ class TrainConfig:
         _check(not (self.cuda_graph and self.compile), "train.cuda_graph", "use train.compile or train.cuda_graph, not both")
         _check(not (self.cuda_graph and self.precision == "fp16"), "train.cuda_graph",
                "not with precision fp16: the GradScaler decides on the host which steps to skip")
+        from .speed import SPEEDS
+
+        _check(self.speed in SPEEDS, "train.speed", f"must be one of {SPEEDS}, got {self.speed!r}")
         _check(self.cuda_graph_shapes >= 1, "train.cuda_graph_shapes", f"must be >= 1, got {self.cuda_graph_shapes}")
         _check(self.eval_every >= 0, "train.eval_every", f"must be >= 0, got {self.eval_every}")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
@@ -459,6 +467,7 @@ class Config:
                    f"({', '.join(own_adapters)}), not {self.method.name}")
         _check(self.experiment_name != "", "experiment_name", "must not be empty")
         self._check_buckets()
+        self._check_speed()
         _check(
             bool(self.model.targets) or self.method.targets is not None or bool(self.method.target_regex),
             "model.targets",
@@ -472,6 +481,19 @@ class Config:
             "float16 base weights with train.precision=fp16 would train the head in fp16, which the GradScaler "
             "refuses; use model.dtype=bfloat16 or float32, or train.precision=bf16",
         )
+
+    def _check_speed(self) -> None:
+        from .methods import METHODS
+        from .speed import MODES, check_request, mode_of
+
+        tc = self.train
+        check_request(tc.speed, mode_of(self.method.fused, tc.compile, tc.cuda_graph))
+        mode = MODES.get(tc.speed)
+        if mode is not None:  # a named mode: what the switches' own checks would refuse, naming train.speed
+            _check(not mode.fused or METHODS[self.method.name].fusable, "train.speed",
+                   f"{tc.speed} fuses adapter layers, which {self.method.name} does not have")
+            _check(not mode.cuda_graph or tc.precision != "fp16", "train.speed",
+                   f"{tc.speed} uses CUDA graphs, not with precision fp16 (the GradScaler decides on the host)")
 
     def _check_buckets(self) -> None:
         from .data.buckets import resolve_buckets

@@ -477,9 +477,34 @@ def _get(variants: dict, name: str, key: str) -> float | None:
     return v if isinstance(v, (int, float)) else None
 
 
+#: the families whose fastest mode "best" reports (adalora: a new mask at every timed step, not adalora_final)
+BEST_OF = ("floor", "lora", "adalora")
+BEST_RATIOS = {"lora/floor": ("lora", "floor"), "adalora/lora": ("adalora", "lora"), "adalora/floor": ("adalora", "floor")}
+
+
+def best_modes(variants: dict) -> tuple[dict, dict]:
+    """("best", "ratios_best") of a workload: for each of BEST_OF, its measured variant with the lowest median
+    (mode "eager" for the plain name, else what follows the base name, e.g. "fused+graph"), None when none was
+    measured; and the ratios of those bests, each best over best. Errors and skipped variants do not count."""
+    best: dict = {}
+    for family in BEST_OF:
+        timed = [(r["median_ms"], name) for name, r in variants.items()
+                 if split_variant(name)[0] == family and isinstance(r.get("median_ms"), (int, float))]
+        if timed:
+            ms, name = min(timed)
+            best[family] = {"mode": name.partition("+")[2] or "eager", "ms": ms}
+        else:
+            best[family] = None
+    ratios = {k: (round(best[a]["ms"] / best[b]["ms"], 4) if best[a] and best[b] else None)
+              for k, (a, b) in BEST_RATIOS.items()}
+    return best, ratios
+
+
 def summarize(entry: dict) -> None:
-    """Fill the ratios and the allocator's share of the adalora step into a workload entry."""
+    """Fill the ratios, the best mode of each family and the allocator's share of the adalora step into a
+    workload entry."""
     v = entry["variants"]
+    entry["best"], entry["ratios_best"] = best_modes(v)
     ratios = {}
     for name, (num, den, key) in RATIOS.items():
         a, b = _get(v, num, key), _get(v, den, key)
@@ -530,6 +555,9 @@ def markdown(result: dict) -> str:
             )
         ratios = ", ".join(f"{k} {x:.3f}" for k, x in entry["ratios"].items() if x is not None)
         lines += ["", f"ratios: {ratios or '–'}"]
+        best = ", ".join(f"{k} {b['mode']} {b['ms']:.1f} ms" for k, b in entry.get("best", {}).items() if b)
+        best_r = ", ".join(f"{k} {x:.3f}" for k, x in entry.get("ratios_best", {}).items() if x is not None)
+        lines.append(f"best of each: {best or '–'}; best over best: {best_r or '–'}")
         if entry["alloc_share"] is not None:
             lines.append(f"allocator + orth penalty: {entry['alloc_ms']:.2f} ms = {100 * entry['alloc_share']:.1f}% of the adalora step")
         if entry["peft_alloc_share"] is not None:
