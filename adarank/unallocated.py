@@ -5,7 +5,8 @@ SVD adapters without an allocator train as a plain fixed-rank adapter, and nothi
 pre-hook on every SVD adapter it makes (`watch`); an allocator built over them (`RankAllocator`, which the
 runner builds before its loop and `AdaRankCallback` at the start of training) removes the hooks (`attach`).
 A training-mode forward that finds the hooks still in place warns once and removes them. After either,
-the adapters' forward runs no hook at all.
+the adapters' forward runs no hook at all. (Until then the hook is a graph break under torch.compile: it
+removes itself. An allocator built before compiling, as the runner and the callback do, avoids it.)
 """
 
 from __future__ import annotations

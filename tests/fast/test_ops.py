@@ -12,6 +12,7 @@ from conftest import BERT_TARGETS, make_batch, tiny_bert
 from torch import nn
 
 import adarank
+from adarank import unallocated
 from adarank.fast import fused, kernels, ops
 from adarank.fast.fused import Adapter
 from adarank.layers import LoraLinear, SVDLinear
@@ -127,6 +128,9 @@ def test_a_compiled_bert_keeps_its_fused_adapters(kind):
     every gradient equal eager fused mode's (up to fp32 rounding: the compiler reorders the ops around them).
     After a shrink (SVD: one layer to 2 triplets, one to rank 0) the compiled model recompiles and still agrees."""
     model = _fused_bert(kind)
+    # SVD adapters without an allocator carry the unallocated warning's one-shot hook (adarank/unallocated.py),
+    # which removes itself: a graph break. Every real run builds its allocator (or, method=svd, attaches) first.
+    unallocated.attach(m for _, m in adarank.svd_adapters(model))
     batch = make_batch(n=2, seq=5)
     n_layers = len(adarank.svd_adapters(model)) if kind == "svd" else sum(
         isinstance(m, LoraLinear) for m in model.modules())
