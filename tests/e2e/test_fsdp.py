@@ -90,6 +90,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 out["killed_at_checkpoint"] = torch.load(os.path.join(out_dir, name, "checkpoint.pt"),
                                                          weights_only=False)["step"]
                 continue
+            seen["model"].reshard()  # FSDP2 leaves the root unsharded after its forward (its backward comes next)
             params = dict(seen["model"].named_parameters())
             out[name + "_sharded"] = sorted(n for n, p in params.items() if isinstance(p, DTensor))
             out[name + "_trainable_dtensors"] = [n for n, p in params.items() if p.requires_grad and isinstance(p, DTensor)]
