@@ -40,8 +40,8 @@ def _overrides(out_dir: str, per_rank_batch: int) -> list[str]:
         "train.max_steps=12", f"train.batch_size={per_rank_batch}", "train.grad_accum=2", "train.eval_every=6",
         "train.checkpoint_every=4", "train.log_every=1", "train.progress=false",
         "+model.config_overrides.hidden_dropout_prob=0.0", "+model.config_overrides.attention_probs_dropout_prob=0.0",
-        "data.max_train_samples=256", "data.max_eval_samples=64", "wandb.mode=disabled",
-        f"data.cache_dir={out_dir}/cache{per_rank_batch}",  # the reference tokenises meanwhile: its own cache
+        "data.max_train_samples=96", "data.max_eval_samples=32", "wandb.mode=disabled",
+        f"data.cache_dir={out_dir}/cache",  # written atomically: the reference and the ranks may share it
     ]
 
 
