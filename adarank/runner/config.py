@@ -449,6 +449,9 @@ class Config:
                    f"({', '.join(own_adapters)}), not {self.method.name}")
         _check(not (self.train.distributed == "fsdp" and self.model.quantization != "none"), "train.distributed",
                "fsdp shards plain weights; not with model.quantization (NF4 weights are not plain parameters)")
+        _check(not (self.train.distributed == "fsdp" and not METHODS[self.method.name].adapters), "train.distributed",
+               f"fsdp shards the frozen base, and method={self.method.name} trains every weight: nothing would be "
+               f"sharded; use train.distributed=ddp")
         _check(self.experiment_name != "", "experiment_name", "must not be empty")
         self._check_buckets()
         _check(

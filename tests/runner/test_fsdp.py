@@ -31,6 +31,11 @@ def test_fsdp_with_a_quantized_base_is_refused_before_any_model_loads(tmp_path):
         tiny_config(tmp_path, "method=adalora", "model.quantization=nf4", "train.distributed=fsdp")
 
 
+def test_fsdp_with_full_fine_tuning_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"^train.distributed: fsdp shards the frozen base, and method=full trains"):
+        tiny_config(tmp_path, "method=full", "train.distributed=fsdp")
+
+
 def test_fsdp_outside_torchrun_is_refused(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match=r"^train.distributed: fsdp needs several processes; launch with torchrun"):
