@@ -85,11 +85,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             kill_at[0] = kill
             cfg = _config(out_dir, 4, *fsdp, *extra)
             try:
-                train_mod.train(cfg, os.path.join(out_dir, name), log=lambda *a: None)
+                res = train_mod.train(cfg, os.path.join(out_dir, name), log=lambda *a: None)
             except KeyboardInterrupt:  # the kill: during step 6 (forward 11 of 2 per step), after step 4's checkpoint
                 out["killed_at_checkpoint"] = torch.load(os.path.join(out_dir, name, "checkpoint.pt"),
                                                          weights_only=False)["step"]
                 continue
+            out[name + "_masks"] = [res["allocation_events"], res["kept_triplets"]]  # this rank's: compared across ranks
             seen["model"].reshard()  # FSDP2 leaves the root unsharded after its forward (its backward comes next)
             params = dict(seen["model"].named_parameters())
             out[name + "_sharded"] = sorted(n for n, p in params.items() if isinstance(p, DTensor))
@@ -134,7 +135,9 @@ def test_fsdp_shards_the_frozen_base_and_matches_one_process(trained):
     assert run["allocation_events"] == single["allocation_events"] and len(run["allocation_events"]["steps"]) > 3
     assert run["kept_triplets"] == single["kept_triplets"]
     assert run["final_ranks"] == single["final_ranks"] and run["budget_curve"] == single["budget_curve"]
-    assert sum(run["final_ranks"].values()) == 2 * len(run["final_ranks"])  # shrunk from 3 to 2
+    assert sum(run["final_ranks"].values()) == 2 * len(run["final_ranks"])  # from rank 3 to an average of 2
+    assert run["trainable_params_final"] < run["trainable_params"]  # and the adapters were shrunk
+    assert w0["run_masks"] == [run["allocation_events"], run["kept_triplets"]]  # rank 1's too (w0 == w1)
     a, b = [e["train/loss"] for e in run["train_log"]], [e["train/loss"] for e in single["train_log"]]
     assert len(a) == len(b) == 12
     assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL
