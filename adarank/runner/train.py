@@ -346,8 +346,8 @@ def applied_lr(cfg: Config) -> float:
 
 
 def wrap(model: nn.Module, env: Env, compiler: shapes.Compiler | None) -> tuple[Callable[..., Any], nn.Module]:
-    """(what the loop calls, the module whose `no_sync` it uses): DDP averages gradients across ranks,
-    compile fuses kernels (train.compile: the compiler's forward, shapes.py)."""
+    """(what the loop calls, the module whose `no_sync` it uses): DDP averages gradients across ranks, FSDP
+    shards the frozen base (train.distributed=fsdp: fsdp.py), compile fuses kernels (train.compile: the compiler's forward, shapes.py)."""
     net = model
     if env.fsdp:  # in place; a second call (after a shrink) changes nothing
         return fsdp_.shard(model), fsdp_.ReplicatedGrads()
