@@ -8,6 +8,8 @@ The package has three parts: the algorithm at its top (layers, inject, importanc
 allocator, orth, shrink, export), the runner in `adarank.runner` (config, builders, data, the loop and its
 step unit; `python -m adarank.run`), and the studies in `adarank.studies` (reports and analyses of finished
 runs; `python -m adarank.report`, `python -m adarank.analyze`). The GPU fast path is `adarank.fast`.
+`adarank.AdaRankCallback` (adarank/integrations/trainer.py) drives the allocator in a transformers Trainer; it is
+imported on first use, so `import adarank` does not import the Trainer.
 """
 
 from .allocation import Allocation, Allocator
@@ -19,8 +21,10 @@ from .layers import LoraLinear, SVDLinear
 from .orth import orth_grad_, orth_penalty
 from .schedule import Budget, Schedule, budget_at, make_schedule, resolve_budget
 from .topk import topk_keep, truncate_adapter
+from .sora import SoraAllocator
 
 __all__ = [
+    "AdaRankCallback",
     "Allocation",
     "Allocator",
     "Budget",
@@ -30,6 +34,7 @@ __all__ = [
     "SCORES",
     "SVDLinear",
     "Schedule",
+    "SoraAllocator",
     "adapters",
     "budget_at",
     "export_peft",
@@ -45,3 +50,12 @@ __all__ = [
     "truncate_adapter",
 ]
 
+
+
+def __getattr__(name: str):
+    # lazy: the Trainer pulls in accelerate and more, which the core and the runner never need
+    if name == "AdaRankCallback":
+        from .integrations.trainer import AdaRankCallback
+
+        return AdaRankCallback
+    raise AttributeError(f"module 'adarank' has no attribute {name!r}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import importance as imp
+from . import unallocated
 from .allocation import Allocation, segment_sums
 from .layers import SVDLinear
 from .schedule import Schedule
@@ -62,7 +63,10 @@ class RankAllocator:
         self.names = [n for n, _ in layers]
         self.layers = [m for _, m in layers]
         self.schedule = schedule
-        self.init_total = sum(m.r for m in self.layers)
+        # r_init, not r: layers shrunk before the allocator exists (a resumed run whose weights loaded at the
+        # saved, shrunk shapes) keep the run's initial budget; `load_state_dict` then restores the rest
+        self.init_total = sum(m.r_init for m in self.layers)
+        self._needs_state = any(m.r != m.r_init for m in self.layers)
         if not 1 <= target_total <= self.init_total:
             raise ValueError(
                 f"method.r: final budget {target_total} must be in [1, {self.init_total}] "
@@ -79,8 +83,9 @@ class RankAllocator:
         #: the scores of the final allocation (flat, module order, the current triplets), None before it
         self.final_scores: torch.Tensor | None = None
         dev = self.layers[0].lam.device
-        self.mask = torch.ones(self.init_total, dtype=torch.bool, device=dev)
+        self.mask = torch.ones(sum(m.r for m in self.layers), dtype=torch.bool, device=dev)
         self._build_index()
+        unallocated.attach(self.layers)  # these adapters are allocated now: no warning that they are not
 
     # ----- bookkeeping ---------------------------------------------------------------------------
     def _build_index(self) -> None:
@@ -255,6 +260,9 @@ class RankAllocator:
         `update_importance=False` is for a step the optimizer skipped (fp16 overflow): the schedule
         advances but inf/NaN gradients do not pollute the EMAs.
         """
+        if self._needs_state:
+            raise RuntimeError("RankAllocator: its adapters were shrunk before it was built; load_state_dict() the "
+                               "saved allocator state before stepping")
         dev = self.layers[0].lam.device
         if self.mask.device != dev:  # the model moved after the allocator was built
             self.mask = self.mask.to(dev)
@@ -327,13 +335,20 @@ class RankAllocator:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state. A shrunk state shrinks this allocator's layers to match first; build the
-        optimizer after this call so it sees the shrunk parameters."""
+        optimizer after this call so it sees the shrunk parameters. Layers that already have the saved shapes
+        (the shrunk weights were loaded first, as the transformers Trainer does) are left as they are."""
         if state["names"] != self.names:
             raise ValueError("allocator state: module names differ from the model's SVD adapters")
         if state["init_total"] != self.init_total or state["target_total"] != self.target_total:
             raise ValueError("allocator state: budgets differ from this run's configuration")
         dev = self.mask.device
-        if state["shrunk"] and not self.shrunk:
+        if state["shrunk"] and not self.shrunk and [m.r for m in self.layers] == list(state["sizes"]):
+            # The layers hold the saved shapes already (their weights were loaded first, `SVDLinear`'s load
+            # hook): nothing to remove, and the parameters (which an optimizer may hold) stay the same objects.
+            self.frozen = self.shrunk = True
+            self.mask = torch.ones(sum(state["sizes"]), dtype=torch.bool, device=dev)
+            self._build_index()
+        elif state["shrunk"] and not self.shrunk:
             # Recreate the shrink from the recorded ranks: the kept triplets are stored first.
             self.frozen = True
             self.mask = torch.zeros(self.init_total, dtype=torch.bool, device=dev)
@@ -344,6 +359,7 @@ class RankAllocator:
         if [m.r for m in self.layers] != list(state["sizes"]):
             raise ValueError("allocator state: adapter ranks differ from the saved ones")
         self.t, self.frozen, self.shrunk = state["t"], state["frozen"], state["shrunk"]
+        self._needs_state = False
         self.mask = state["mask"].to(dev)
         for key in ("ema_ipt", "ema_unc"):
             v = state[key]

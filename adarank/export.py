@@ -23,8 +23,8 @@ from .inject import adapters
 from .layers import LoraLinear, SVDLinear
 from .topk import aligned_scores, topk_keep
 
-__all__ = ["export_peft", "peft_factors", "truncate_peft", "write_peft", "save_importance", "load_importance", "PEFT_TASK_TYPES",
-           "IMPORTANCE_FILE"]
+__all__ = ["export_peft", "peft_factors", "task_type_of", "truncate_peft", "write_peft", "save_importance",
+           "load_importance", "PEFT_TASK_TYPES", "IMPORTANCE_FILE"]
 
 #: The final importance of every exported triplet, beside adapter_model.safetensors: one float32 vector per
 #: SVD module, aligned with the rows of its lora_A (adarank/topk.py)
@@ -33,6 +33,16 @@ IMPORTANCE_FILE = "importance.safetensors"
 #: `peft.TaskType` values (peft is optional, so not imported here): what `task_type` may be. With one of them
 #: and `base_model_name_or_path`, `peft.AutoPeftModelFor...` loads the adapter without being told the base.
 PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """PEFT's task type for a transformers model, by its class: SEQ_CLS, CAUSAL_LM, or None for another head."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    return None
 
 
 @torch.no_grad()

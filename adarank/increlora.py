@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from . import importance as imp
+from . import unallocated
 from .allocation import Allocation
 from .grow import grow_layers, pad_optimizer
 from .layers import SVDLinear
@@ -107,6 +108,7 @@ class IncreLoraAllocator:
         self._ema_ipt: torch.Tensor | None = None  # (n_modules,) Ī, then Ū
         self._ema_unc: torch.Tensor | None = None
         self._build_index()
+        unallocated.attach(self.layers)  # these adapters are allocated now: no warning that they are not
 
     # ----- bookkeeping ---------------------------------------------------------------------------
     @property

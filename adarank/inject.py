@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from . import unallocated
 from .fast import link_siblings
 from .layers import LoraLinear, SVDLinear, is_adaptable
 
@@ -98,12 +99,16 @@ def inject(
     check_not_trained_in_full(model, names, targets, train_modules)
     for p in model.parameters():
         p.requires_grad_(False)
+    made = []
     for name in names:
         rank = r if ranks is None else ranks.get(name, 0)
         if rank == 0:
             continue
         base = model.get_submodule(name)
-        _set_submodule(model, name, cls(base, r=rank, alpha=alpha, dropout=dropout, rslora=rslora, dtype=dtype, fused=fused))
+        made.append(cls(base, r=rank, alpha=alpha, dropout=dropout, rslora=rslora, dtype=dtype, fused=fused))
+        _set_submodule(model, name, made[-1])
+    if cls is SVDLinear:  # SVD adapters are meant to be allocated: warn if they train without an allocator
+        unallocated.watch(made)
     link_siblings(model, adapters(model))
     unfreeze(model, train_modules)
     return param_report(model)

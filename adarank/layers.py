@@ -187,6 +187,15 @@ class SVDLinear(_Adapter):
         self.Q = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dtype))
         nn.init.normal_(self.P, mean=0.0, std=0.02)
         nn.init.normal_(self.Q, mean=0.0, std=0.02)
+        self._register_load_state_dict_pre_hook(self._take_saved_rank, with_module=False)
+
+    def _take_saved_rank(self, state_dict: dict, prefix: str, *args) -> None:
+        """Before `load_state_dict` copies values: a state saved after a shrink holds fewer triplets than this
+        layer, so take its rank first (the values themselves come from the state). This lets a fresh model
+        load a shrunk checkpoint, as the transformers Trainer does when it resumes (integrations/trainer.py)."""
+        lam = state_dict.get(prefix + "lam")
+        if lam is not None and lam.dim() == 1 and lam.shape[0] < self.r:
+            self.keep(torch.arange(lam.shape[0]))
 
     @property
     def r(self) -> int:

@@ -237,6 +237,32 @@ def test_resume_after_shrink_shrinks_the_fresh_model():
         assert torch.equal(m.P, r.P) and torch.equal(m.Q, r.Q)
 
 
+
+def test_resume_after_shrink_with_the_weights_loaded_first():
+    """The transformers Trainer's order: weights (a fresh model takes their shrunk shapes), the optimizer over those
+    parameters, then a new allocator over the shrunk layers and its state; no parameter is replaced."""
+    ref_model, ref_alloc, ref_opt = fresh_run()
+    ref = train(ref_model, ref_alloc, ref_opt, range(1, 15), shrink_at=10)
+    model, alloc, opt = fresh_run()
+    train(model, alloc, opt, range(1, 12), shrink_at=10)
+    ckpt = save(model, alloc, opt)
+
+    model, _, _ = fresh_run(seed=5)
+    model.load_state_dict(ckpt["model"])  # SVDLinear takes the saved ranks
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-2)
+    opt.load_state_dict(ckpt["opt"])
+    alloc = adarank.RankAllocator(adarank.svd_adapters(model), ref_alloc.schedule, ref_alloc.target_total)
+    with pytest.raises(RuntimeError, match="load_state_dict"):  # shrunk layers need the saved state first
+        alloc.step()
+    alloc.load_state_dict(ckpt["alloc"])
+    now = [p for p in model.parameters() if p.requires_grad]
+    assert alloc.shrunk and len(now) == len(params) and all(a is b for a, b in zip(now, params))
+    rest = train(model, alloc, opt, range(12, 15))
+    assert_same_trace(ref, rest)
+    for (_, m), (_, r) in zip(adarank.svd_adapters(model), adarank.svd_adapters(ref_model)):
+        assert torch.equal(m.P, r.P) and torch.equal(m.Q, r.Q)
+
 # ----- cost per step ----------------------------------------------------------------------------
 
 
@@ -318,3 +344,32 @@ def test_op_count_of_an_increlora_step_does_not_grow_with_depth():
     two, twelve = ops_of_increlora_steps(2), ops_of_increlora_steps(12)
     print("\nincrelora aten ops (scoring step, growth step, growth hand-off):", [sum(c.values()) for c in two])
     assert two == twelve
+
+
+def ops_of_one_sora_step(n_layers: int) -> tuple[int, collections.Counter, int]:
+    """The aten ops of one budget-targeted SoRA step in the budgeting phase: the proximal step on every gate,
+    the new mask and the controller's update of ξ."""
+    from adarank.sora import SoraAllocator
+
+    model, _ = svd_bert(layers=n_layers)
+    layers = adarank.svd_adapters(model)
+    alloc = SoraAllocator(layers, Schedule(total=20, t_init=2, t_final=5, delta_t=1), 2 * len(layers), xi=0.5)
+    opt = torch.optim.SGD([m.lam for _, m in layers], lr=0.1)  # only its lr is read
+    for t in range(1, 5):
+        drive(layers, t, scale=0.5)
+        alloc.step()
+        alloc.maybe_shrink(opt)
+    drive(layers, 5, scale=0.5)
+    with CountOps() as counter:
+        a = alloc.step()
+    assert a.phase == "budget" and a.threshold is not None
+    return sum(counter.ops.values()), counter.ops, len(layers)
+
+
+def test_sora_op_count_of_a_step_does_not_grow_with_depth():
+    n2, ops2, m2 = ops_of_one_sora_step(2)
+    n12, ops12, m12 = ops_of_one_sora_step(12)
+    print(f"\nSoRA: aten ops per step: {n2} with {m2} adapters (2 layers), {n12} with {m12} adapters (12 layers)")
+    print("ops:", dict(sorted(ops2.items())))
+    assert (m2, m12) == (11, 61)
+    assert ops2 == ops12 and n2 == n12

@@ -43,6 +43,9 @@ def test_smoke_all_workloads_and_variants(tmp_path):
         assert set(RATIOS) <= set(w["ratios"])
         assert all(isinstance(w["ratios"][k], float) for k in RATIOS if "mem" not in k)
         assert w["ratios"]["adalora_mem/lora_mem"] is None
+        # the smoke run measures eager variants only: each family's best is its eager one
+        assert w["best"] == {f: {"mode": "eager", "ms": w["variants"][f]["median_ms"]} for f in ("floor", "lora", "adalora")}
+        assert w["ratios_best"]["adalora/lora"] == round(w["variants"]["adalora"]["median_ms"] / w["variants"]["lora"]["median_ms"], 4)
         assert w["alloc_ms"] > 0 and 0 < w["alloc_share"]
         # the shrunk adapters hold exactly the final budget: target rank 8 per adapted matrix
         n = w["shape"]["adapted_matrices"]
@@ -104,6 +107,9 @@ def test_variant_names_and_run_order():
     assert order == ["lora", "lora+fused", "lora+ckpt", "lora+fused+ckpt",
                      "lora+graph", "lora+fused+graph", "lora+ckpt+graph", "lora+fused+ckpt+graph"]
     assert set(order) <= set(names)
+    args = bench.parse_args(["--out", "x", "--workloads", "W2", "--variants", "floor,lora", "--fused", "--compile"])
+    assert [v for _, v in bench.jobs(args)] == ["floor", "lora", "lora+fused", "floor+compile", "lora+compile",
+                                                "lora+fused+compile"]
 
 
 def test_smoke_fused_and_checkpointed_variants(tmp_path):
@@ -171,3 +177,21 @@ def test_layer_ab_steps_give_the_unfused_gradients(kind, r, monkeypatch):
     for impl, grads in got.items():
         for a, b in zip(grads, got["unfused"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=impl)
+
+
+def test_best_mode_of_each_family():
+    """"best": the fastest measured variant of floor, lora and adalora (errors, skips, adalora_final and PEFT
+    left out); "ratios_best": best over best."""
+    bench = _bench_module()
+    variants = {
+        "floor": {"median_ms": 120.0}, "floor+graph": {"median_ms": 130.0}, "floor+compile": {"error": "OOM"},
+        "lora": {"median_ms": 160.0}, "lora+fused+graph": {"median_ms": 140.0}, "lora+compile": {"skipped": "time"},
+        "adalora": {"median_ms": 180.0}, "adalora+graph": {"median_ms": 165.0}, "adalora+fused+compile": {"median_ms": 150.0},
+        "adalora_final+fused+graph": {"median_ms": 100.0}, "peft_lora": {"median_ms": 90.0},
+    }
+    best, ratios = bench.best_modes(variants)
+    assert best == {"floor": {"mode": "eager", "ms": 120.0}, "lora": {"mode": "fused+graph", "ms": 140.0},
+                    "adalora": {"mode": "fused+compile", "ms": 150.0}}
+    assert ratios == {"lora/floor": round(140 / 120, 4), "adalora/lora": round(150 / 140, 4), "adalora/floor": 1.25}
+    best, ratios = bench.best_modes({"lora": {"median_ms": 10.0}})
+    assert best["floor"] is None and best["adalora"] is None and set(ratios.values()) == {None}

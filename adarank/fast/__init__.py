@@ -1,5 +1,6 @@
-"""The GPU fast path: fused base+adapter autograd functions (fused), grouped siblings (siblings), Triton
-kernels for the thin products (kernels) and the CUDA-graph step (graphs). Nothing here changes what is
+"""The GPU fast path: fused base+adapter autograd functions (fused), the same as torch.library custom ops for
+torch.compile (ops), grouped siblings (siblings), Triton kernels for the thin products (kernels) and the
+CUDA-graph step (graphs). Nothing here changes what is
 computed, only how fast (up to rounding: the fused sums are rounded once instead of twice).
 
 The adapter layers (adarank.layers) reach it through one call, first thing in their forward:
@@ -25,11 +26,11 @@ the fast path reads.
 
 When it serves (else `forward` returns None and the layer computes as if `fused` were off): the layer is
 `fused` and not merged; its base is frozen (the fused function gives the base no gradient) and dense (an NF4
-base, adarank/quant.py, is read through torchao's own linear); torch.compile is
-not tracing (the compiler fuses the plain path itself); and the input has the adapter's dtype or autocast is
-on (the plain path computes the adapter in its own dtype). A layer is computed with its siblings' group
-when they read the same tensor and no dropout is at work (dropout is `nn.Identity`, or the layer is in eval
-mode); otherwise alone.
+base, adarank/quant.py, is read through torchao's own linear); and the input has the adapter's dtype or
+autocast is on (the plain path computes the adapter in its own dtype). A layer is computed with its siblings'
+group when they read the same tensor and no dropout is at work (dropout is `nn.Identity`, or the layer is in
+eval mode); otherwise alone. While torch.compile traces, every served layer is one custom op of its own
+(adarank/fast/ops.py), which the compiler keeps whole and fuses the rest of the block around.
 """
 
 from .serve import forward

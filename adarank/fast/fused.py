@@ -180,46 +180,15 @@ class _AdaptedLinears(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, meta, *tensors):
-        n = len(meta)
         ws, biases, p1s, p2s, lams = (tensors[k::5] for k in range(5))
-        x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-        use_k = kernels.available(x2)  # the thin products in kernels.py (decided once, for backward too)
-        ranks = [p1.shape[0] for p1 in p1s]
-        # per adapter: do the kernels compute its thin products? The forward's reads b's parameter itself and
-        # writes backward's padded bf16 b on the way, so preparing b costs no kernel of its own
-        ks = [use_k and r <= kernels.MAX_RANK and p2.stride(-1) == 1 for r, p2 in zip(ranks, p2s)]
-        pads = [_padded(r, KERNEL_ALIGN if k else ALIGN) for r, k in zip(ranks, ks)]
-        offs = [0, *itertools.accumulate(pads)][:n]
-        width = sum(pads)
-        bs, vs = [None] * n, [None] * n
-        a_all = t_all = None
-        if width:
-            # padding rows must be zero: they meet the zero padding columns of b, but 0·NaN garbage would not
-            a_all = (h2.new_zeros if width != sum(ranks) else h2.new_empty)((width, h2.shape[1]))
-            for i, (kind, scale) in enumerate(meta):
-                if ranks[i]:
-                    vs[i] = _a_factor(kind, p1s[i], lams[i], scale, a_all[offs[i]:offs[i] + pads[i]])
-                    bs[i] = (p2s[i].new_empty((p2s[i].shape[0], pads[i]), dtype=x.dtype) if ks[i]
-                             else _b_factor(kind, p2s[i], scale, x.dtype, pads[i]))
-            t_all = torch.mm(h2, a_all.t())  # (N, R): the input is read once for the whole group
-        ys = []
-        for i in range(n):
-            w, bias = ws[i], biases[i]
-            if ranks[i]:
-                t = t_all[:, offs[i]:offs[i] + pads[i]]
-                if ks[i]:
-                    y = kernels.lowrank_out(t, p2s[i], bias, _b_scale(meta[i]), b_out=bs[i])
-                else:
-                    y = torch.mm(t, bs[i].t()) if bias is None else torch.addmm(bias, t, bs[i].t())
-                y.addmm_(x2, w.t())
-            else:  # an SVD adapter pruned to rank 0: the base alone
-                y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-            ys.append(y.view(*x.shape[:-1], w.shape[0]))
-        ctx.meta, ctx.ranks, ctx.pads, ctx.offs, ctx.same_input, ctx.ks = meta, ranks, pads, offs, h is x, ks
+        layout = _layout(x, p1s, p2s)
+        ys, a_all, t_all, bs, vs = _forward(x, h, meta, ws, biases, p1s, p2s, lams, layout)
+        ctx.meta, ctx.same_input = meta, h is x
+        ctx.ranks, ctx.pads, ctx.offs, ctx.ks = layout
         ctx.set_materialize_grads(False)  # an output nobody used gets None, not zeros: its adapter is skipped
         # the parameters themselves, so that backward can reach their .grad (only inside grads_into_buffers)
         ctx.into = (p1s, p2s, lams) if _INTO_GRAD else None  # in the order _P1, _P2, _LAM
-        ctx.dtypes = [(p1s[i].dtype, p2s[i].dtype, lams[i].dtype if lams[i] is not None else None) for i in range(n)]
+        ctx.dtypes = _dtypes(p1s, p2s, lams)
         ctx.save_for_backward(h, a_all, t_all, *ws, *bs, *vs, *p1s)
         return tuple(ys)
 
@@ -229,22 +198,92 @@ class _AdaptedLinears(torch.autograd.Function):
         saved = ctx.saved_tensors
         h, a_all, t_all = saved[:3]
         ws, bs, vs, p1s = (saved[3 + k * n:3 + (k + 1) * n] for k in range(4))
-        need = ctx.needs_input_grad
-        h2 = h.reshape(-1, h.shape[-1])
-        gs = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
-        live = [bool(ctx.ranks[i]) and gs[i] is not None for i in range(n)]  # adapters a gradient flows through
-        out: list[torch.Tensor | None] = [None] * (5 * n)  # per adapter: (weight, bias, p1, p2, lam)
-        need_in = need[0] or need[1]
-        a_side = [i for i in range(n) if live[i] and (_needs(ctx, i, _P1) or _needs(ctx, i, _LAM))]
-        grad_t = None
-        if a_all is not None and any(live) and (need_in or a_side):
-            grad_t = t_all.new_empty(t_all.shape)
-        for i in range(n):
-            if ctx.ranks[i]:
-                _grad_t_and_b(ctx, i, gs[i], bs[i], t_all, grad_t, out)
-        _a_side_grads(ctx, a_side, grad_t, h2, vs, p1s, out)
-        grad_x, grad_h = _input_grads(ctx, gs, ws, grad_t, a_all, h, need_in)
+        grad_x, grad_h, out = _backward(ctx, grads, h, a_all, t_all, ws, bs, vs, p1s)
         return (grad_x, grad_h, None, *out)
+
+
+class Layout(NamedTuple):
+    """Where each adapter's (padded) rank sits in a group's stacked factors: its rank, padded rank and
+    offset, and whether the kernels compute its thin products."""
+
+    ranks: list[int]
+    pads: list[int]
+    offs: list[int]
+    ks: list[bool]
+
+
+def _layout(x: torch.Tensor, p1s: Sequence[torch.Tensor], p2s: Sequence[torch.Tensor]) -> Layout:
+    """The group's layout from the shapes alone (adarank/fast/ops.py's shape functions call it too). Per
+    adapter: do the kernels compute its thin products? The forward's reads b's parameter itself and writes
+    backward's padded bf16 b on the way, so preparing b costs no kernel of its own."""
+    use_k = kernels.available(x.reshape(-1, x.shape[-1]))  # decided once, for backward too
+    ranks = [p1.shape[0] for p1 in p1s]
+    ks = [use_k and r <= kernels.MAX_RANK and p2.stride(-1) == 1 for r, p2 in zip(ranks, p2s)]
+    pads = [_padded(r, KERNEL_ALIGN if k else ALIGN) for r, k in zip(ranks, ks)]
+    offs = [0, *itertools.accumulate(pads)][:len(ranks)]
+    return Layout(ranks, pads, offs, ks)
+
+
+def _dtypes(p1s, p2s, lams) -> list[tuple[torch.dtype, torch.dtype, torch.dtype | None]]:
+    """The parameters' dtypes per adapter (their gradients' dtypes), in the order _P1, _P2, _LAM."""
+    return [(p1.dtype, p2.dtype, lam.dtype if lam is not None else None) for p1, p2, lam in zip(p1s, p2s, lams)]
+
+
+def _forward(x, h, meta, ws, biases, p1s, p2s, lams, layout: Layout):
+    """The forward of a group (see `_AdaptedLinears`): (ys, a_all, t_all, bs, vs), the last four what backward
+    reads (a_all and t_all None when every rank is 0; bs[i] None at rank 0, vs[i] None but for SVD)."""
+    n = len(meta)
+    ranks, pads, offs, ks = layout
+    x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+    width = sum(pads)
+    bs, vs = [None] * n, [None] * n
+    a_all = t_all = None
+    if width:
+        # padding rows must be zero: they meet the zero padding columns of b, but 0·NaN garbage would not
+        a_all = (h2.new_zeros if width != sum(ranks) else h2.new_empty)((width, h2.shape[1]))
+        for i, (kind, scale) in enumerate(meta):
+            if ranks[i]:
+                vs[i] = _a_factor(kind, p1s[i], lams[i], scale, a_all[offs[i]:offs[i] + pads[i]])
+                bs[i] = (p2s[i].new_empty((p2s[i].shape[0], pads[i]), dtype=x.dtype) if ks[i]
+                         else _b_factor(kind, p2s[i], scale, x.dtype, pads[i]))
+        t_all = torch.mm(h2, a_all.t())  # (N, R): the input is read once for the whole group
+    ys = []
+    for i in range(n):
+        w, bias = ws[i], biases[i]
+        if ranks[i]:
+            t = t_all[:, offs[i]:offs[i] + pads[i]]
+            if ks[i]:
+                y = kernels.lowrank_out(t, p2s[i], bias, _b_scale(meta[i]), b_out=bs[i])
+            else:
+                y = torch.mm(t, bs[i].t()) if bias is None else torch.addmm(bias, t, bs[i].t())
+            y.addmm_(x2, w.t())
+        else:  # an SVD adapter pruned to rank 0: the base alone
+            y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+        ys.append(y.view(*x.shape[:-1], w.shape[0]))
+    return ys, a_all, t_all, bs, vs
+
+
+def _backward(ctx, grads, h, a_all, t_all, ws, bs, vs, p1s):
+    """The backward of a group: (grad_x, grad_h, out), out holding five gradients per adapter (weight, bias,
+    p1, p2, lam; None where not computed). `ctx` is the autograd context, or anything with the attributes
+    `_AdaptedLinears.forward` sets on it and `needs_input_grad` (adarank/fast/ops.py passes one)."""
+    n = len(ctx.meta)
+    need = ctx.needs_input_grad
+    h2 = h.reshape(-1, h.shape[-1])
+    gs = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
+    live = [bool(ctx.ranks[i]) and gs[i] is not None for i in range(n)]  # adapters a gradient flows through
+    out: list[torch.Tensor | None] = [None] * (5 * n)  # per adapter: (weight, bias, p1, p2, lam)
+    need_in = need[0] or need[1]
+    a_side = [i for i in range(n) if live[i] and (_needs(ctx, i, _P1) or _needs(ctx, i, _LAM))]
+    grad_t = None
+    if a_all is not None and any(live) and (need_in or a_side):
+        grad_t = t_all.new_empty(t_all.shape)
+    for i in range(n):
+        if ctx.ranks[i]:
+            _grad_t_and_b(ctx, i, gs[i], bs[i], t_all, grad_t, out)
+    _a_side_grads(ctx, a_side, grad_t, h2, vs, p1s, out)
+    grad_x, grad_h = _input_grads(ctx, gs, ws, grad_t, a_all, h, need_in)
+    return grad_x, grad_h, out
 
 
 def _grad_t_and_b(ctx, i: int, g: torch.Tensor | None, b: torch.Tensor, t_all: torch.Tensor,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..quant import is_quantized
+from . import ops
 from .fused import Adapter, adapted_linear
 
 __all__ = ["adapter_of", "forward", "groupable"]
@@ -21,6 +22,8 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     served too: the fused function computes its base alone, and it may stay in its group."""
     if not (layer.fused and not layer.merged and _fusable(layer, x)):
         return None
+    if torch.compiler.is_compiling():  # the compiler keeps the fused layer as an opaque op (adarank/fast/ops.py)
+        return ops.adapted_linears(x, layer.dropout(x), (adapter_of(layer),))[0]
     siblings = getattr(layer, "siblings", None)  # set by link_siblings; absent on a layer built by hand
     if siblings is not None and _dropout_idle(layer):
         y = siblings.output(layer, x)
@@ -54,12 +57,10 @@ def _fusable(layer: nn.Module, x: torch.Tensor) -> bool:
     """The fused path returns no gradient for the base, so it serves only while the base is frozen;
     and it computes in one dtype, so without autocast only when the input has the adapter's dtype
     (the unfused path computes the adapter in its own dtype, e.g. fp32 next to a bf16 base).
-    Under torch.compile the unfused path serves: the compiler fuses it itself, and dynamo cannot trace
-    the fused function (it takes one tensor twice and writes into strided `out=` views), which
-    would break the graph at every layer. An NF4 base (adarank/quant.py) takes the unfused path: the fused
+    An NF4 base (adarank/quant.py) takes the unfused path: the fused
     GEMMs read the dense weight, and a dequantised copy would be held for backward, which is what NF4 saves."""
     b, w = layer.base.bias, layer.base.weight
-    if w.requires_grad or (b is not None and b.requires_grad) or torch.compiler.is_compiling() or is_quantized(w):
+    if w.requires_grad or (b is not None and b.requires_grad) or is_quantized(w):
         return False
     return x.dtype == _factor_dtype(layer) or torch.is_autocast_enabled(x.device.type)
 

@@ -190,6 +190,9 @@ def preflight(cfg: Config) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each rank sees 1/world of the data
     device = pick_device(cfg.train.device)
     check_cuda_graph(cfg.train.cuda_graph, device, world)
+    from .speed import resolve as resolve_speed
+
+    resolve_speed(cfg, device.type, world, None)  # a named train.speed that cannot run here is refused
     if device.type == "cpu" and cfg.model.dtype == "float16":
         # the head (and everything, for full fine-tuning) would train in fp16 on a CPU: NaN within steps
         raise ValueError("model.dtype: float16 weights cannot train on a CPU (the trained modules would be fp16); "

@@ -166,7 +166,8 @@ class MethodConfig:
 
     name: str = "adalora"
     """full, lora, rslora, adalora (ours), increlora (rank growth), svd (adalora's adapter, no allocation), eva
-    (data-driven ranks and A at init), peft_lora or peft_adalora (PEFT's implementations)."""
+    (data-driven ranks and A at init), sora or sora_fixed (gated sparsity), peft_lora or peft_adalora (PEFT's
+    implementations)."""
     r: int = 8
     """LoRA rank; for adalora/peft_adalora the target average rank (the final budget)."""
     alpha: float = 16.0
@@ -189,7 +190,7 @@ class MethodConfig:
     (adarank/fast/fused.py), and adapted layers called on one tensor (q, k, v; gate, up) as one such function
     (adarank/fast/siblings.py): fewer passes over activations and tensor-core aligned ranks, so faster on a GPU.
     Equal to the unfused path up to rounding; off by default because the results in results/ were
-    produced without it. Under train.compile the layers take the unfused path, which the compiler fuses."""
+    produced without it. Under train.compile each fused layer is one opaque custom op (adarank/fast/ops.py)."""
     lr: Optional[float] = None
     """Overrides train.lr for this method (e.g. full fine-tuning wants a smaller one)."""
     init_rank: Optional[int] = None
@@ -238,6 +239,14 @@ class MethodConfig:
     """shuffle only within a matrix type (type) or within a layer (layer); null shuffles over all modules."""
     eva: EvaConfig = field(default_factory=EvaConfig)
     """eva: the data-driven init's settings (method.eva.rho, ...); the other methods ignore them."""
+    sora_xi: float = 0.1
+    """sora/sora_fixed: ξ, the gates' L1 strength: after each optimizer step λ ← sign(λ)·max(|λ| − ξ·lr, 0);
+    for sora the starting value that its controller tunes (adarank/sora.py)."""
+    sora_xi_growth: Optional[float] = None
+    """sora: the controller's factor ρ > 1: at each masking step ξ ← ξ·ρ while more gates live than the cubic
+    budget, ξ/ρ while fewer; null: 10^(4/M), M the masking steps of the budgeting phase (ξ can move 4 decades)."""
+    sora_gate_init: str = "normal"
+    """sora/sora_fixed: normal (SoRA's: λ ~ N(0, 1), P = 0) or zero (adalora's: λ = 0, P, Q ~ N(0, 0.02))."""
 
     def __post_init__(self) -> None:
         from ..importance import SCORES
@@ -281,6 +290,7 @@ class MethodConfig:
         self._check_rank_pattern()
         _check(self.top_h >= 1, "method.top_h", f"must be >= 1, got {self.top_h}")
         _check(self.grow_by >= 1, "method.grow_by", f"must be >= 1, got {self.grow_by}")
+        self._check_sora()
         if self.init_rank is not None and self.target_total_rank is None and self.target_params is None:
             if METHODS[self.name].grows:  # it grows from init_rank up to r
                 _check(self.init_rank <= self.r, "method.init_rank", f"starting rank {self.init_rank} exceeds the target "
@@ -309,6 +319,15 @@ class MethodConfig:
                f"must be one of {TRANSFORMS} or null, got {self.rank_pattern_transform!r}")
         _check(self.rank_pattern_within in (None, "type", "layer"), "method.rank_pattern_within",
                f"must be null, type or layer, got {self.rank_pattern_within!r}")
+
+    def _check_sora(self) -> None:
+        from ..sora import GATE_INITS
+
+        _check(self.sora_xi >= 0, "method.sora_xi", f"must be >= 0, got {self.sora_xi}")
+        _check(self.sora_xi_growth is None or self.sora_xi_growth > 1, "method.sora_xi_growth",
+               f"must be > 1 or null, got {self.sora_xi_growth}")
+        _check(self.sora_gate_init in GATE_INITS, "method.sora_gate_init",
+               f"must be one of {GATE_INITS}, got {self.sora_gate_init!r}")
 
     @property
     def adaptive(self) -> bool:
@@ -354,6 +373,11 @@ class TrainConfig:
     non-reentrant checkpointing): less activation memory for one more forward pass per step. The same
     gradients and masks (adarank/runner/gradient_checkpointing.py); refused for model classes transformers
     cannot checkpoint (MPNet)."""
+    speed: str = "auto"
+    """Which fast paths the run takes: auto, eager, fused, graph, fused+graph, compile or fused+compile (sets
+    method.fused, train.compile, train.cuda_graph). auto: eager on a CPU; on one CUDA device fused+graph for lora,
+    rslora and adalora where graphs can run (data.length_buckets left as set), else eager; switches set to
+    true by hand are kept. adarank/runner/speed.py gives the rule and the measurements it rests on."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     eval_every: int = 0
@@ -391,6 +415,9 @@ class TrainConfig:
                f"must be one of {DISTRIBUTED}, got {self.distributed!r}")
         _check(not (self.distributed == "fsdp" and (self.compile or self.cuda_graph)), "train.distributed",
                "fsdp is not combined with train.compile or train.cuda_graph (untested with FSDP2's hooks)")
+        from .speed import SPEEDS
+
+        _check(self.speed in SPEEDS, "train.speed", f"must be one of {SPEEDS}, got {self.speed!r}")
         _check(self.cuda_graph_shapes >= 1, "train.cuda_graph_shapes", f"must be >= 1, got {self.cuda_graph_shapes}")
         _check(self.eval_every >= 0, "train.eval_every", f"must be >= 0, got {self.eval_every}")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
@@ -454,6 +481,7 @@ class Config:
                f"sharded; use train.distributed=ddp")
         _check(self.experiment_name != "", "experiment_name", "must not be empty")
         self._check_buckets()
+        self._check_speed()
         _check(
             bool(self.model.targets) or self.method.targets is not None or bool(self.method.target_regex),
             "model.targets",
@@ -467,6 +495,19 @@ class Config:
             "float16 base weights with train.precision=fp16 would train the head in fp16, which the GradScaler "
             "refuses; use model.dtype=bfloat16 or float32, or train.precision=bf16",
         )
+
+    def _check_speed(self) -> None:
+        from .methods import METHODS
+        from .speed import MODES, check_request, mode_of
+
+        tc = self.train
+        check_request(tc.speed, mode_of(self.method.fused, tc.compile, tc.cuda_graph))
+        mode = MODES.get(tc.speed)
+        if mode is not None:  # a named mode: what the switches' own checks would refuse, naming train.speed
+            _check(not mode.fused or METHODS[self.method.name].fusable, "train.speed",
+                   f"{tc.speed} fuses adapter layers, which {self.method.name} does not have")
+            _check(not mode.cuda_graph or tc.precision != "fp16", "train.speed",
+                   f"{tc.speed} uses CUDA graphs, not with precision fp16 (the GradScaler decides on the host)")
 
     def _check_buckets(self) -> None:
         from .data.buckets import resolve_buckets

@@ -27,6 +27,8 @@ from ..layers import base_dims
 from ..orth import OrthGrad
 from ..rank_pattern import load_rank_pattern, resolve_ranks, transform
 from ..schedule import Budget, Schedule, make_schedule, resolve_budget
+from ..sora import SoraAllocator, init_gates_
+from .. import unallocated
 from . import eva_init, peft_baselines
 from .models import DTYPES
 
@@ -257,6 +259,7 @@ def build_svd(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelCon
     names = target_names(model, m, model_cfg)
     ranks = lora_ranks(m, names)
     rep, reg = svd_parts(model, m, model_cfg, m.r, ranks)
+    unallocated.attach(layer for _, layer in svd_adapters(model))  # fixed ranks on purpose: no warning
     final = m.r if ranks is None else final_average_rank(sum(ranks.values()), len(names))
     return Adapted(model, rep, m.name, orth_grad=reg, targets=names, save=_save_export(model, model_cfg), final_rank=final)
 
@@ -276,6 +279,30 @@ def build_increlora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "Mo
 
     return Adapted(model, rep, m.name, budget.target_total, budget.init_rank, reg, names, make_allocator,
                    _save_export(model, model_cfg), final_average_rank(budget.target_total, len(names)))
+
+
+def build_sora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig", targeted: bool = True) -> Adapted:
+    """SoRA: adalora's SVD adapters (budget, shrink, orth regulariser if method.orth_weight > 0) whose λ are gates
+    made sparse by a proximal L1 step (`adarank.sora`). `sora` tunes ξ to land on adalora's final budget;
+    `sora_fixed` keeps ξ (the paper's), and its final rank is where the gates land."""
+    m = method_cfg
+    adapted = build_adalora(model, m, model_cfg)
+    init_gates_([layer for _, layer in svd_adapters(adapted.model)], m.sora_gate_init)
+    if not targeted:
+        adapted.final_rank = None  # known once the final mask is fixed
+
+    def on_final(kept: int) -> None:
+        adapted.final_rank = final_average_rank(kept, len(adapted.targets))
+
+    adapted.make_allocator = lambda schedule: SoraAllocator(
+        svd_adapters(adapted.model), schedule, adapted.target_total, m.sora_xi, targeted, m.sora_xi_growth,
+        shrink_at_final=m.shrink, on_final=None if targeted else on_final)
+    return adapted
+
+
+def build_sora_fixed(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
+    """SoRA with a fixed ξ, as in the paper."""
+    return build_sora(model, method_cfg, model_cfg, targeted=False)
 
 
 def build_peft_lora(model: nn.Module, method_cfg: "MethodConfig", model_cfg: "ModelConfig") -> Adapted:
@@ -334,4 +361,6 @@ METHODS: dict[str, MethodSpec] = {
     "peft_lora": MethodSpec(build_peft_lora, peft=True),
     "peft_adalora": MethodSpec(build_peft_adalora, adaptive=True, peft=True),
     "eva": MethodSpec(build_eva, fusable=True),
+    "sora": MethodSpec(build_sora, adaptive=True, fusable=True),
+    "sora_fixed": MethodSpec(build_sora_fixed, adaptive=True, fusable=True),
 }

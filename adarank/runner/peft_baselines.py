@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..allocation import Allocation
+from ..export import task_type_of
 from ..inject import ParamReport, param_report
 from ..schedule import Schedule
 
@@ -29,12 +30,11 @@ def _peft(method: str):
 
 def peft_task_type(model: nn.Module) -> str:
     """PEFT's task type for a transformers model: SEQ_CLS or CAUSAL_LM, by the model's class."""
-    name = type(model).__name__
-    if name.endswith("ForSequenceClassification"):
-        return "SEQ_CLS"
-    if name.endswith("ForCausalLM"):
-        return "CAUSAL_LM"
-    raise ValueError(f"method.name: the PEFT methods need a *ForSequenceClassification or *ForCausalLM model, got {name}")
+    task_type = task_type_of(model)
+    if task_type is None:
+        raise ValueError(f"method.name: the PEFT methods need a *ForSequenceClassification or *ForCausalLM model, "
+                         f"got {type(model).__name__}")
+    return task_type
 
 
 def _common(model: nn.Module, targets: list[str], alpha: float, dropout: float, train_modules: list[str]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ MAY_DIFFER = frozenset({
     "resume", "overwrite", "data.dir", "data.cache_dir", "train.device", "train.progress", "train.log_every",
     "train.checkpoint_every", "train.check_masks", "train.cuda_graph_shapes", "wandb.mode", "wandb.project",
     "train.gradient_checkpointing",
+    # the switches train.speed resolved to (method.fused, train.cuda_graph, ...) are compared themselves
+    "train.speed",
 })
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..allocation import Allocation, Allocator
 from ..fast import graphs as graphs_
+from ..update import after_optimizer, before_optimizer
 
 __all__ = ["OptimizerStep", "StepOutcome"]
 
@@ -97,11 +98,7 @@ class OptimizerStep:
         if self.optimizer is None:
             return None
         self.scaler.unscale_(self.optimizer)  # the allocator and clipping see true gradients
-        # the orthogonal regulariser: its gradient added explicitly, once per optimizer step (the same as
-        # adding it to every micro-batch's loss / grad_accum), before clipping
-        r = self.orth_grad() if self.orth_grad is not None else None
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        r = before_optimizer(self.params, self.orth_grad, self.max_grad_norm)  # the regulariser, then clipping
         self.scaler.step(self.optimizer)
         return r
 
@@ -121,8 +118,7 @@ class OptimizerStep:
         allocation, replaced = None, False
         if self.allocator is not None:
             # under DDP the gradients are the ranks' averages here, so every rank computes the same masks
-            allocation = self.allocator.step(update_importance=not skipped)
-            replaced = self.allocator.maybe_shrink(self.optimizer)
+            allocation, replaced = after_optimizer(self.allocator, self.optimizer, update_importance=not skipped)
             if replaced:
                 self.params = trainable(self.model)
                 if self.graphs is not None:

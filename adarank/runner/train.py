@@ -25,6 +25,7 @@ from . import distributed as dist_
 from . import events
 from . import fsdp as fsdp_
 from . import shapes
+from . import speed
 from .config import Config, TrainConfig
 from .data import Batches, encode, load_task
 from .data.buckets import resolve_buckets
@@ -55,6 +56,9 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     tc = cfg.train
     env = setup_env(tc, log)
     device, dist, log = env.device, env.dist, env.log
+    cfg, mode = speed.resolve(cfg, device.type, dist.world_size, env.amp)  # train.speed: the switches set
+    tc = cfg.train
+    log(mode.line())
     saved = ckpt.load(out_dir) if cfg.resume else None  # a fallback to the previous checkpoint warns on stderr
     if cfg.resume and saved is None and os.path.exists(os.path.join(out_dir, "results.json")):
         log(f"run in {out_dir} already finished; nothing to resume")
@@ -154,7 +158,7 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
     step_seconds = stop_timer(timing, unit, device)
     return finish_run(cfg, out_dir, model, adapted, allocation, loop, evaluator, tracker, env,
                       t_start=t_start, step_seconds=step_seconds, timed_from=timing["timed_from"],
-                      shapes=shapes.shape_record(compiler, unit.graphs, data.train.buckets))
+                      shapes=shapes.shape_record(compiler, unit.graphs, data.train.buckets) | {"speed": mode.record()})
 
 
 # ---- set-up --------------------------------------------------------------------------------------
@@ -347,7 +351,8 @@ def applied_lr(cfg: Config) -> float:
 
 def wrap(model: nn.Module, env: Env, compiler: shapes.Compiler | None) -> tuple[Callable[..., Any], nn.Module]:
     """(what the loop calls, the module whose `no_sync` it uses): DDP averages gradients across ranks, FSDP
-    shards the frozen base (train.distributed=fsdp: fsdp.py), compile fuses kernels (train.compile: the compiler's forward, shapes.py)."""
+    shards the frozen base (train.distributed=fsdp: fsdp.py), compile fuses kernels (train.compile: the
+    compiler's forward, shapes.py)."""
     net = model
     if env.fsdp:  # in place; a second call (after a shrink) changes nothing
         return fsdp_.shard(model), fsdp_.ReplicatedGrads()

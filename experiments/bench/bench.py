@@ -266,16 +266,17 @@ def settle(rig: Rig, batch: dict) -> None:
     rig.info["ranks_after_shrink"] = {"total": int(ranks.sum()), "min": int(ranks.min()), "max": int(ranks.max())}
 
 
-def compile_model(rig: Rig, scope: str, backend: str) -> None:
+def compile_model(rig: Rig, scope: str, backend: str, mode: str | None = None) -> None:
     """torch.compile the model. scope "blocks" compiles each transformer block in place (regional
     compilation: identical blocks share one compiled graph, so an 80-layer model compiles about as fast
-    as a 1-layer one); "model" compiles the whole forward."""
+    as a 1-layer one); "model" compiles the whole forward. `mode`: torch.compile's (e.g. reduce-overhead:
+    inductor's CUDA-graph trees)."""
     if scope == "model":
-        rig.fwd = torch.compile(rig.model, backend=backend)
+        rig.fwd = torch.compile(rig.model, backend=backend, mode=mode)
         return
     lists = [m for m in rig.model.modules() if isinstance(m, nn.ModuleList)]
     for block in max(lists, key=len):
-        block.compile(backend=backend)
+        block.compile(backend=backend, mode=mode)
 
 
 def graph_rig(rig: Rig, device: torch.device) -> None:
@@ -383,7 +384,7 @@ def run_variant(wl: Workload, variant: str, shape: tuple[int, int], args: argpar
     if base == "adalora_final":
         settle(rig, batch)  # eager, before compiling or capturing: a shrink swaps parameters
     if mode == "compile":
-        compile_model(rig, args.compile_scope, args.compile_backend)
+        compile_model(rig, args.compile_scope, args.compile_backend, args.compile_mode)
     elif mode == "graph":
         graph_rig(rig, device)
     if device.type == "cuda":
@@ -459,6 +460,12 @@ RATIOS = {
     "adalora+fused+graph/floor+graph": ("adalora+fused+graph", "floor+graph", "median_ms"),
     "adalora+fused+graph_mem/lora+fused+graph_mem": ("adalora+fused+graph", "lora+fused+graph", "peak_gib"),
     "adalora_final+fused+graph/lora+fused+graph": ("adalora_final+fused+graph", "lora+fused+graph", "median_ms"),
+    # fused adapters under torch.compile (adarank/fast/ops.py keeps them as opaque ops)
+    "lora+fused+compile/floor+compile": ("lora+fused+compile", "floor+compile", "median_ms"),
+    "adalora+fused+compile/floor+compile": ("adalora+fused+compile", "floor+compile", "median_ms"),
+    "lora+fused+compile/lora+compile": ("lora+fused+compile", "lora+compile", "median_ms"),
+    "adalora+fused+compile/adalora+compile": ("adalora+fused+compile", "adalora+compile", "median_ms"),
+    "adalora+fused+compile/lora+fused+compile": ("adalora+fused+compile", "lora+fused+compile", "median_ms"),
     # gradient checkpointing (+ckpt): its time and memory against the same variant without it
     **{f"{v}+ckpt{m}/{v}{m}": (f"{v}+ckpt", v, key) for v in ("lora", "adalora", "lora+fused", "adalora+fused")
        for m, key in (("", "median_ms"), ("_mem", "peak_gib"))},
@@ -470,9 +477,34 @@ def _get(variants: dict, name: str, key: str) -> float | None:
     return v if isinstance(v, (int, float)) else None
 
 
+#: the families whose fastest mode "best" reports (adalora: a new mask at every timed step, not adalora_final)
+BEST_OF = ("floor", "lora", "adalora")
+BEST_RATIOS = {"lora/floor": ("lora", "floor"), "adalora/lora": ("adalora", "lora"), "adalora/floor": ("adalora", "floor")}
+
+
+def best_modes(variants: dict) -> tuple[dict, dict]:
+    """("best", "ratios_best") of a workload: for each of BEST_OF, its measured variant with the lowest median
+    (mode "eager" for the plain name, else what follows the base name, e.g. "fused+graph"), None when none was
+    measured; and the ratios of those bests, each best over best. Errors and skipped variants do not count."""
+    best: dict = {}
+    for family in BEST_OF:
+        timed = [(r["median_ms"], name) for name, r in variants.items()
+                 if split_variant(name)[0] == family and isinstance(r.get("median_ms"), (int, float))]
+        if timed:
+            ms, name = min(timed)
+            best[family] = {"mode": name.partition("+")[2] or "eager", "ms": ms}
+        else:
+            best[family] = None
+    ratios = {k: (round(best[a]["ms"] / best[b]["ms"], 4) if best[a] and best[b] else None)
+              for k, (a, b) in BEST_RATIOS.items()}
+    return best, ratios
+
+
 def summarize(entry: dict) -> None:
-    """Fill the ratios and the allocator's share of the adalora step into a workload entry."""
+    """Fill the ratios, the best mode of each family and the allocator's share of the adalora step into a
+    workload entry."""
     v = entry["variants"]
+    entry["best"], entry["ratios_best"] = best_modes(v)
     ratios = {}
     for name, (num, den, key) in RATIOS.items():
         a, b = _get(v, num, key), _get(v, den, key)
@@ -523,6 +555,9 @@ def markdown(result: dict) -> str:
             )
         ratios = ", ".join(f"{k} {x:.3f}" for k, x in entry["ratios"].items() if x is not None)
         lines += ["", f"ratios: {ratios or '–'}"]
+        best = ", ".join(f"{k} {b['mode']} {b['ms']:.1f} ms" for k, b in entry.get("best", {}).items() if b)
+        best_r = ", ".join(f"{k} {x:.3f}" for k, x in entry.get("ratios_best", {}).items() if x is not None)
+        lines.append(f"best of each: {best or '–'}; best over best: {best_r or '–'}")
         if entry["alloc_share"] is not None:
             lines.append(f"allocator + orth penalty: {entry['alloc_ms']:.2f} ms = {100 * entry['alloc_share']:.1f}% of the adalora step")
         if entry["peft_alloc_share"] is not None:
@@ -556,13 +591,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help=f"also run {','.join(COMPILE_DEFAULT)} under torch.compile")
     p.add_argument("--graph", action="store_true", help=f"also run {','.join(GRAPH_DEFAULT)} as CUDA graphs (+graph)")
     p.add_argument("--fused", action="store_true",
-                   help=f"also run {','.join(FUSED_DEFAULT)} with fused adapters (+fused; with --graph also +fused+graph)")
+                   help=f"also run {','.join(FUSED_DEFAULT)} with fused adapters (+fused; with --graph also +fused+graph, "
+                        "with --compile also +fused+compile)")
     p.add_argument("--ckpt", action="store_true",
                    help="also run every variant of the run under gradient checkpointing (+ckpt), as "
                         "train.gradient_checkpointing=true does")
     p.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks",
                    help="blocks: compile each transformer block (fast to compile; default); model: the whole model")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: trace only, for tests)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode, e.g. reduce-overhead (inductor's CUDA-graph trees); default: torch's")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler table per variant into DIR")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--batch", type=lambda s: tuple(int(x) for x in s.split("x")), default=None,
@@ -604,6 +642,8 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
             vs += [v + "+fused+graph" for v in plain if v in FUSED_DEFAULT]
     if args.compile:
         vs += [v + "+compile" for v in plain if v in COMPILE_DEFAULT]
+        if args.fused:
+            vs += [v + "+fused+compile" for v in plain if v in FUSED_DEFAULT]
     if args.ckpt:
         vs += [with_ckpt(v) for v in vs if not checkpointed(v)]
     vs = list(dict.fromkeys(vs))
@@ -628,7 +668,7 @@ def merge_previous(result: dict, path: str) -> set[tuple[str, str]]:
     """--resume: carry over the measured variants of an earlier run into `result`; return them."""
     with open(path) as f:
         old = json.load(f)
-    for key in ("steps", "warmup", "smoke", "compile_scope"):
+    for key in ("steps", "warmup", "smoke", "compile_scope", "compile_mode"):
         if old["settings"].get(key) != result["settings"][key]:
             raise SystemExit(f"--resume: {path} was measured with {key}={old['settings'].get(key)}, "
                              f"this run has {result['settings'][key]}; write to another --out")
@@ -672,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                   "base_weights": {w: str(WORKLOADS[w].base_dtype).removeprefix("torch.") for w in names}},
         "settings": {"steps": args.steps, "warmup": args.warmup, "alloc_steps": args.alloc_steps, "smoke": args.smoke,
                      "compile_scope": args.compile_scope, "compile_backend": args.compile_backend,
+                     "compile_mode": args.compile_mode,
                      "r": R, "init_r": INIT_R, "alpha": ALPHA, "orth_weight": ORTH_WEIGHT, "optimizer": "AdamW",
                      "lr": LR, "fused_adamw": device.type == "cuda", "budget_steps": BUDGET_STEPS},
         "workloads": {w: workload_entry(WORKLOADS[w], args) for w in names},

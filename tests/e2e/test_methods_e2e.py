@@ -29,6 +29,7 @@ RESULT_KEYS = {
     "allocation_events", "kept_triplets",  # the ranks at each masking event, the final kept triplets (issue 19)
     "compile", "cuda_graph",  # what train.compile compiled, what train.cuda_graph captured (issue 21)
     "peak_gpu_memory_bytes",  # each rank's peak allocated GPU memory, null on a CPU (issue 23)
+    "speed",  # the mode train.speed chose, and why (issue 21)
 }
 METHODS = ("full", "lora", "rslora", "adalora", "svd", "peft_lora", "peft_adalora")
 EXPERIMENTS = sorted(p.stem for p in Path(adarank.runner.cli.CONF_DIR, "experiment").glob("*.yaml"))
@@ -197,7 +198,7 @@ def test_cuda_graph_training_runs_the_same_schedule_as_eager(tmp_path, method, e
     # GLUE fixture files: the GPU machine has no tweets package
     common = [f"method={method}", "train.device=cuda", "train.log_every=1", "task=sst2", f"data.dir={GLUE_FIXTURES}",
               "data.val_fraction=0.5", *extra]
-    eager = run(tiny_config(tmp_path, *common), tmp_path / "eager")
+    eager = run(tiny_config(tmp_path, *common, "train.speed=eager"), tmp_path / "eager")  # not auto's choice
     graph = run(tiny_config(tmp_path, *common, "train.cuda_graph=true"), tmp_path / "graph")
     assert graph["steps"] == eager["steps"] == T
     assert graph["budget_curve"] == eager["budget_curve"]

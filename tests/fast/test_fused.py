@@ -235,7 +235,7 @@ def test_parameter_gradient_matmul_writes_fp32_on_a_gpu(alpha):
 
 @pytest.mark.parametrize("cls", [LoraLinear, SVDLinear])
 def test_fused_layers_compile_without_graph_breaks(cls):
-    """Under torch.compile fused layers take the unfused path, which dynamo traces whole."""
+    """Under torch.compile fused layers are custom ops (adarank/fast/ops.py), which dynamo traces whole."""
     torch.manual_seed(0)
     m = nn.Sequential(cls(nn.Linear(16, 32), r=12, alpha=24.0, fused=True), nn.ReLU(),
                       cls(nn.Linear(32, 8), r=12, alpha=24.0, fused=True))

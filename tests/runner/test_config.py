@@ -130,7 +130,7 @@ def test_every_group_option_fits_the_schema(group, option):
     if group == "model":  # a causal LM has no task head to train in full
         assert node.targets and (node.train_modules or option in ("smollm2", "tiny_llama"))
     if group == "method":
-        assert node.adaptive == (option in ("adalora", "increlora", "peft_adalora"))
+        assert node.adaptive == (option in ("adalora", "increlora", "peft_adalora", "sora", "sora_fixed"))
 
 
 def test_a_typo_in_a_key_fails_at_composition():

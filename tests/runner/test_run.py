@@ -33,6 +33,8 @@ BAD_CONFIGS = [
     (["train.max_steps=0"], ["train.max_steps", ">= 1"]),
     (["train.warmup_frac=1"], ["train.warmup_frac", "[0, 1)"]),
     (["train.precision=fp8"], ["train.precision", "'fp8'"]),
+    (["train.speed=fast"], ["train.speed", "must be one of", "'fast'"]),
+    (["train.speed=eager", "train.compile=true"], ["train.speed", "contradicts train.compile=true"]),
     (["train.device=tpu"], ["train.device", "'tpu'"]),
     (["train.cuda_graph=true", "train.compile=true"], ["train.cuda_graph", "not both"]),
     (["train.cuda_graph=true", "train.precision=fp16"], ["train.cuda_graph", "fp16"]),
@@ -76,6 +78,7 @@ BAD_CONFIGS = [
 if not torch.cuda.is_available():
     BAD_CONFIGS.append((["train.device=cuda"], ["train.device", "no CUDA device"]))
     BAD_CONFIGS.append((["train.cuda_graph=true"], ["train.cuda_graph", "needs one CUDA device", "got cpu"]))
+    BAD_CONFIGS.append((["train.speed=fused+graph"], ["train.speed", "needs one CUDA device", "got cpu"]))
 
 
 @pytest.fixture
