@@ -15,6 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
 #: MethodConfig fields that only an adaptive method reads and that change what a run is compared at (its
 #: budget): setting one for a fixed-rank method is an error rather than silently ignored. init_rank and
@@ -391,6 +392,10 @@ class TrainConfig:
     """Show a tqdm bar over optimizer steps."""
     check_masks: bool = False
     """Debug: after every allocator step, check that all DDP ranks hold the same mask (a collective)."""
+    distributed: str = "ddp"
+    """Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2's fully_shard shards the frozen base
+    per transformer block; what trains stays replicated: adarank/runner/fsdp.py). fsdp needs several processes
+    and is not combined with compile, cuda_graph or model.quantization."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")
@@ -406,6 +411,10 @@ class TrainConfig:
         _check(not (self.cuda_graph and self.compile), "train.cuda_graph", "use train.compile or train.cuda_graph, not both")
         _check(not (self.cuda_graph and self.precision == "fp16"), "train.cuda_graph",
                "not with precision fp16: the GradScaler decides on the host which steps to skip")
+        _check(self.distributed in DISTRIBUTED, "train.distributed",
+               f"must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        _check(not (self.distributed == "fsdp" and (self.compile or self.cuda_graph)), "train.distributed",
+               "fsdp is not combined with train.compile or train.cuda_graph (untested with FSDP2's hooks)")
         from .speed import SPEEDS
 
         _check(self.speed in SPEEDS, "train.speed", f"must be one of {SPEEDS}, got {self.speed!r}")
@@ -465,6 +474,11 @@ class Config:
             _check(self.method.name in own_adapters, "model.quantization",
                    f"{self.model.quantization} freezes the base in 4 bits: only for adarank's adapter methods "
                    f"({', '.join(own_adapters)}), not {self.method.name}")
+        _check(not (self.train.distributed == "fsdp" and self.model.quantization != "none"), "train.distributed",
+               "fsdp shards plain weights; not with model.quantization (NF4 weights are not plain parameters)")
+        _check(not (self.train.distributed == "fsdp" and not METHODS[self.method.name].adapters), "train.distributed",
+               f"fsdp shards the frozen base, and method={self.method.name} trains every weight: nothing would be "
+               f"sharded; use train.distributed=ddp")
         _check(self.experiment_name != "", "experiment_name", "must not be empty")
         self._check_buckets()
         self._check_speed()

@@ -100,6 +100,9 @@ def _results(cfg: Config, task, model: nn.Module, adapted: Adapted, final: dict,
         "train_seconds": round(step_seconds, 3),
         "steps_per_second": round((step - timed_from) / step_seconds, 3) if step_seconds > 0 else None,
         "world_size": env.dist.world_size,
+        # each rank's peak of allocated GPU memory (train.distributed=fsdp shards the frozen base: it falls)
+        "peak_gpu_memory_bytes": (dist_.gather_objects(env.dist, torch.cuda.max_memory_allocated(device))
+                                  if device.type == "cuda" else None),
         "final_ranks": ranks, "budget_curve": history["budget_curve"],
         **events.results_fields(history),  # the ranks at each masking event, the final mask's kept triplets
         "evals": history["evals"], "train_log": history["log"],

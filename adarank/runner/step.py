@@ -61,6 +61,9 @@ class OptimizerStep:
         self.params = trainable(model)
         self.graphs: graphs_.GraphedStep | None = None
         self._lr_tensors: list[torch.Tensor] = []
+        # averages the gradients of what trains over the ranks before the update (FSDP: fsdp.average_grads);
+        # None when something else does (DDP's hooks) or there is one process
+        self.sync_grads: Callable[[], None] | None = None
 
     def use_graphs(self, forward: Forward, device_type: str, max_shapes: int = 8) -> None:
         """Replay micro-batches and the update as CUDA graphs from now on (one GPU, one process; the
@@ -103,6 +106,8 @@ class OptimizerStep:
         """One optimizer step after the micro-batches' backward passes."""
         scaler = self.scaler
         scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        if self.sync_grads is not None:
+            self.sync_grads()
         r = self.graphs.update() if self.graphs is not None else self.update()
         scaler.update()
         skipped = scale_before is not None and scaler.get_scale() < scale_before

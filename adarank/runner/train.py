@@ -23,6 +23,7 @@ from ..quant import quantize_nf4_
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from . import events
+from . import fsdp as fsdp_
 from . import shapes
 from . import speed
 from .config import Config, TrainConfig
@@ -78,6 +79,8 @@ def train(cfg: Config, out_dir: str, log=print) -> dict[str, Any]:
         log(f"resumed from step {loop.step}")
     compiler = shapes.Compiler(tc.batch_size, data.train.buckets) if tc.compile else None
     fwd, ddp = wrap(model, env, compiler)
+    if env.fsdp:  # what trains is replicated under FSDP: its gradients are averaged once per step (fsdp.py)
+        unit.sync_grads = lambda: fsdp_.average_grads(unit.params, dist)
     if tc.cuda_graph:
         unit.use_graphs(fwd, device.type, tc.cuda_graph_shapes)
         shapes.warn_graph_shapes(data.train, tc.cuda_graph_shapes, log)
@@ -167,6 +170,7 @@ class Env:
     dist: dist_.DistInfo
     amp: torch.dtype | None
     log: Callable[..., None]
+    fsdp: bool = False  # train.distributed=fsdp under torchrun: the frozen base sharded (fsdp.py)
 
 
 def setup_env(train_cfg: TrainConfig, log: Callable[..., None]) -> Env:
@@ -182,7 +186,11 @@ def setup_env(train_cfg: TrainConfig, log: Callable[..., None]) -> Env:
     if not dist.is_main:
         log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
     check_cuda_graph(train_cfg.cuda_graph, device, dist.world_size)
-    return Env(device, dist, amp_dtype(train_cfg.precision, device), log)
+    fsdp = train_cfg.distributed == "fsdp"
+    if fsdp and not dist.enabled:
+        raise ValueError("train.distributed: fsdp needs several processes; launch with torchrun --nproc_per_node N "
+                         "(or use the default, ddp)")
+    return Env(device, dist, amp_dtype(train_cfg.precision, device), log, fsdp)
 
 
 def seed_everything(seed: int) -> None:
@@ -342,9 +350,12 @@ def applied_lr(cfg: Config) -> float:
 
 
 def wrap(model: nn.Module, env: Env, compiler: shapes.Compiler | None) -> tuple[Callable[..., Any], nn.Module]:
-    """(what the loop calls, the module whose `no_sync` it uses): DDP averages gradients across ranks,
-    compile fuses kernels (train.compile: the compiler's forward, shapes.py)."""
+    """(what the loop calls, the module whose `no_sync` it uses): DDP averages gradients across ranks, FSDP
+    shards the frozen base (train.distributed=fsdp: fsdp.py), compile fuses kernels (train.compile: the
+    compiler's forward, shapes.py)."""
     net = model
+    if env.fsdp:  # in place; a second call (after a shrink) changes nothing
+        return fsdp_.shard(model), fsdp_.ReplicatedGrads()
     if env.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

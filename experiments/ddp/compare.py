@@ -1,12 +1,14 @@
-"""One GPU against N GPUs (DDP through torchrun) at the same global batch: loss curves, masks, throughput.
+"""One GPU against N GPUs (DDP or FSDP through torchrun) at the same global batch: loss curves, masks,
+throughput, peak memory per GPU.
 
     python experiments/ddp/compare.py --out results/ddp/h200x2.json [--gpus 2] [--global-batch 32 128]
-        [-- EXTRA HYDRA OVERRIDES]
+        [--distributed fsdp] [-- EXTRA HYDRA OVERRIDES]
     python experiments/ddp/compare.py --out results/ddp/h200x2.json --replot     (the PNG again, from the JSON)
 
 For each global batch B it runs the same adalora experiment twice, with the official CLI:
   * `python -m adarank.run ... train.batch_size=B` on GPU 0;
-  * `torchrun --nproc_per_node=N -m adarank.run ... train.batch_size=B/N train.check_masks=true`.
+  * `torchrun --nproc_per_node=N -m adarank.run ... train.batch_size=B/N train.check_masks=true`
+    (`--distributed fsdp` adds `train.distributed=fsdp`: the frozen base sharded; the JSON's key is then "fsdp").
 Rank r of the DDP job takes rows r, r+N, ... of the same shuffled order, so every optimizer step sees the
 same B rows in both runs. Dropout is switched off (model.config_overrides), so the two runs differ only by
 floating-point reduction order, and the comparison can be strict. `check_masks=true` makes the DDP run
@@ -96,9 +98,9 @@ def plot(report: dict, png: str) -> None:
     batches = report["by_global_batch"]
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 3.8), squeeze=False)
     for ax, (B, e) in zip(axes[0], batches.items()):
-        for kind, style in (("single", "-"), ("ddp", "--")):
+        for kind, style in (("single", "-"), (report.get("distributed", "ddp"), "--")):
             steps, loss = zip(*e[kind]["loss_curve"])
-            label = "1 GPU" if kind == "single" else f"{report['gpus']} GPUs (DDP)"
+            label = "1 GPU" if kind == "single" else f"{report['gpus']} GPUs ({kind.upper()})"
             ax.plot(steps, loss, style, label=f"{label}, batch {int(B) // e[kind]['world_size']} per GPU")
         c = e["comparison"]
         ax.set_title(f"global batch {B}: max |Δ loss| {c['max_abs_loss_diff']:.1e}, ranks equal: {c['final_ranks_equal']}",
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG next to an existing --out JSON")
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--global-batch", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp", help="train.distributed of the N-GPU run")
     ap.add_argument("--workdir", default="outputs/ddp_compare")
     ap.add_argument("extra", nargs="*", help="more Hydra overrides for both runs (after --)")
     args = ap.parse_args()
@@ -133,7 +136,7 @@ def main() -> None:
     work = ROOT / args.workdir
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {
-        "gpu": torch.cuda.get_device_name(0), "gpus": args.gpus, "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0), "gpus": args.gpus, "torch": torch.__version__, "distributed": args.distributed,
         "base_overrides": BASE + args.extra, "by_global_batch": {},
     }
     for B in args.global_batch:
@@ -141,7 +144,8 @@ def main() -> None:
             sys.exit(f"--global-batch {B}: not divisible by --gpus {args.gpus}")
         entry: dict = {}
         results = {}
-        for kind, n in (("single", 1), ("ddp", args.gpus)):
+        multi = args.distributed
+        for kind, n in (("single", 1), (multi, args.gpus)):
             out = work / f"B{B}_{kind}"
             ov = BASE + args.extra + [f"train.batch_size={B // n}", f"hydra.run.dir={out}"]
             if n == 1:
@@ -149,7 +153,7 @@ def main() -> None:
                 env = os.environ | {"CUDA_VISIBLE_DEVICES": "0"}
             else:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                       "-m", "adarank.run", *ov, "train.check_masks=true"]
+                       "-m", "adarank.run", *ov, "train.check_masks=true", f"train.distributed={multi}"]
                 env = dict(os.environ)
             wall = run(cmd, env, work / f"B{B}_{kind}.log")
             res = json.loads((out / "results.json").read_text())
@@ -160,15 +164,17 @@ def main() -> None:
                 "steps": res["steps"], "world_size": res["world_size"], "train_seconds": res["train_seconds"],
                 "steps_per_second": res["steps_per_second"], "value": res["value"], "best_value": res["best_value"],
                 "metric": res["metric"], "loss_curve": [[e["step"], e["train/loss"]] for e in res["train_log"]],
-                "final_ranks": res["final_ranks"],
+                "final_ranks": res["final_ranks"], "peak_gpu_memory_bytes": res.get("peak_gpu_memory_bytes"),
             }
-        entry["comparison"] = compare(results["single"], results["ddp"])
-        entry["comparison"]["max_abs_adapter_weight_diff"] = adapter_diff(work / f"B{B}_single", work / f"B{B}_ddp")
+        entry["comparison"] = compare(results["single"], results[multi])
+        entry["comparison"]["max_abs_adapter_weight_diff"] = adapter_diff(work / f"B{B}_single", work / f"B{B}_{multi}")
         report["by_global_batch"][str(B)] = entry
         c = entry["comparison"]
         print(f"B={B}: max |dloss| {c['max_abs_loss_diff']:.2e} (tol {LOSS_TOL}), ranks equal {c['final_ranks_equal']}, "
               f"adapter max diff {c['max_abs_adapter_weight_diff']}, dev {c['dev_value']}, "
-              f"steps/s {c['steps_per_second']} -> scaling {c['throughput_scaling']:.2f}x", flush=True)
+              f"steps/s {c['steps_per_second']} -> scaling {c['throughput_scaling']:.2f}x, peak GiB per GPU "
+              f"{[round(x / 2**30, 3) for x in (entry['single']['peak_gpu_memory_bytes'] or [])]} -> "
+              f"{[round(x / 2**30, 3) for x in (entry[multi]['peak_gpu_memory_bytes'] or [])]}", flush=True)
         atomic_write_json(args.out, report)  # after each batch size, so a kill keeps what finished
     plot(report, png)
 

@@ -28,6 +28,7 @@ RESULT_KEYS = {
     "lr", "alpha",  # the learning rate and α that applied (recorded since the renovation, issue 16)
     "allocation_events", "kept_triplets",  # the ranks at each masking event, the final kept triplets (issue 19)
     "compile", "cuda_graph",  # what train.compile compiled, what train.cuda_graph captured (issue 21)
+    "peak_gpu_memory_bytes",  # each rank's peak allocated GPU memory, null on a CPU (issue 23)
     "speed",  # the mode train.speed chose, and why (issue 21)
 }
 METHODS = ("full", "lora", "rslora", "adalora", "svd", "peft_lora", "peft_adalora")
