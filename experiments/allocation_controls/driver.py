@@ -25,7 +25,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 from jobqueue import run_queue  # noqa: E402
 from plan import ARMS, BUDGETS, LRS, SEEDS, SELECT_SEED, TASKS, Plan  # noqa: E402
-from studies import run_plan  # noqa: E402
+from multiarm import run_plan  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

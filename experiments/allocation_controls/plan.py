@@ -34,7 +34,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE.parent / "glue"
 
 from jobqueue import Job  # noqa: E402
 from layout import group_dir, run_name  # noqa: E402
-from studies import choose_lr  # noqa: E402, F401  (the shared rule, experiments/studies.py)
+from multiarm import choose_lr  # noqa: E402, F401  (the shared rule, experiments/multiarm.py)
 
 TASKS = ("sst2", "cola", "mrpc")
 BUDGETS = (2, 8)

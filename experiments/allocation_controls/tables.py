@@ -28,9 +28,9 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 import numpy as np  # noqa: E402
 from plan import ARMS, SOURCE, arm_of  # noqa: E402
-from studies import at_chosen_lr, by_cell  # noqa: E402
-from studies import md_table as _table  # noqa: E402
-from studies import num as _num  # noqa: E402
+from multiarm import at_chosen_lr, by_cell  # noqa: E402
+from multiarm import md_table as _table  # noqa: E402
+from multiarm import num as _num  # noqa: E402
 
 from adarank.atomic import atomic_write_text  # noqa: E402
 from adarank.studies.plots import agreement_vs_chance  # noqa: E402

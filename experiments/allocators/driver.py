@@ -28,7 +28,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 from jobqueue import run_queue  # noqa: E402
 from plan import ARMS, BUDGETS, DEFAULT_ARMS, SEEDS, SELECT_SEED, TASKS, TIMING_SPEEDS, TIMING_TASKS, Plan  # noqa: E402
-from studies import run_plan  # noqa: E402
+from multiarm import run_plan  # noqa: E402
 
 from adarank.runner.speed import SPEEDS  # noqa: E402
 

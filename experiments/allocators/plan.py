@@ -17,7 +17,7 @@ each family gets four rates around its own optimum, overlapping at 1e-3 and 2e-3
 
 Protocol (the GLUE study's): stage `select` runs every arm at every rate of its grid with the selection seed (100,
 not a reported seed); each (task, arm, budget) takes the rate with the best carved-validation metric (the
-report's rule, experiments/studies.py; the official dev set plays no part); stage `final` runs it with seeds 0-4.
+report's rule, experiments/multiarm.py; the official dev set plays no part); stage `final` runs it with seeds 0-4.
 Stage `timing` (its own driver call, one job per GPU) runs each arm once more, seed 0 at its chosen rate, on the
 timing tasks (MRPC), under each of the timing speeds: `eager` (every arm the same kernels, so the difference to
 LoRA is the allocation's and the parameterisation's cost) and `auto` (what train.speed picks for the method: a
@@ -36,7 +36,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE.parent / "glue"
 
 from jobqueue import Job  # noqa: E402
 from layout import group_dir, run_name  # noqa: E402
-from studies import choose_lr  # noqa: E402
+from multiarm import choose_lr  # noqa: E402
 
 TASKS = ("sst2", "cola", "mrpc")
 BUDGETS = (2, 8)
