@@ -16,7 +16,6 @@ grid, the chosen learning rates, the runs left out and every job's outcome. The 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +25,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 from jobqueue import run_queue  # noqa: E402
 from plan import ARMS, BUDGETS, LRS, SEEDS, SELECT_SEED, TASKS, Plan  # noqa: E402
-
-from adarank.atomic import atomic_write_json  # noqa: E402
+from multiarm import run_plan  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -58,27 +56,10 @@ def main(argv: list[str] | None = None, queue_runner: Callable = run_queue) -> i
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    root.mkdir(parents=True, exist_ok=True)
-    state_path = root / "sweep_state.json"
-    old = json.loads(state_path.read_text()) if state_path.exists() else {}
-    log: list[dict] = old.get("jobs", [])
-
-    def save() -> None:
-        atomic_write_json(state_path, {**plan.state(), "chosen": old.get("chosen", {}) | plan.state()["chosen"],
-                                       "jobs": log})
-
-    def on_end(job, what: str, seconds: float) -> list:
-        log.append({"stage": job.tags["stage"], "dir": str(job.out.relative_to(root)), "outcome": what,
-                    "seconds": seconds})
-        new = plan.ready()
-        save()
-        return new
-
-    left = queue_runner(plan.initial(), args.gpus, args.per_gpu, args.launch_until, args.kill_at, on_end)
-    save()
+    log, left = run_plan(plan, root, args.gpus, args.per_gpu, args.launch_until, args.kill_at, queue_runner)
     done = sum(1 for e in log if e["outcome"] == "finished")
     print(f"allocation_controls: {done} jobs finished in all; {len(left)} not started; {len(plan.chosen)} learning "
-          f"rates chosen; {len(plan.left_out)} runs left out; plan {plan.planned()}; state in {state_path}", flush=True)
+          f"rates chosen; {len(plan.left_out)} runs left out; plan {plan.planned()}; state in {root / 'sweep_state.json'}", flush=True)
     return 0
 
 

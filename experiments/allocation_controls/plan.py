@@ -34,9 +34,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE.parent / "glue"
 
 from jobqueue import Job  # noqa: E402
 from layout import group_dir, run_name  # noqa: E402
-
-from adarank.studies.report import choose_lr as report_choose_lr  # noqa: E402
-from adarank.studies.report import load_row, lower_is_better  # noqa: E402
+from multiarm import choose_lr  # noqa: E402, F401  (the shared rule, experiments/multiarm.py)
 
 TASKS = ("sst2", "cola", "mrpc")
 BUDGETS = (2, 8)
@@ -98,23 +96,6 @@ def make_job(root: Path, stage: str, task: str, arm: str, budget: int, lr: float
     out = group_dir(root, stage, task, arm, budget) / run_name(lr, seed)
     return Job(out, ov + list(extra), {"stage": stage, "group": (task, arm, budget), "lr": lr, "seed": seed,
                                        "pattern": None if pattern is None else str(pattern)})
-
-
-def _ended(out: Path) -> bool:
-    return (out / "results.json").exists() or (out / "diverged.json").exists()
-
-
-def choose_lr(runs: dict[float, Path]) -> float | None:
-    """The learning rate of a selection group (lr -> run folder), by the report's rule (best mean
-    carved-validation metric, ties to the smaller); None until every run has ended or when none has a
-    validation metric."""
-    if not all(_ended(out) for out in runs.values()):
-        return None
-    rows = {lr: load_row(out / "results.json") for lr, out in runs.items() if (out / "results.json").exists()}
-    ok = {lr: r["val_value"] for lr, r in rows.items() if r["val_value"] is not None}
-    if not ok:
-        return None
-    return report_choose_lr(ok, lower_is_better(next(iter(rows.values()))["metric"]))
 
 
 class Plan:

@@ -20,15 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 import numpy as np  # noqa: E402
 from plan import ARMS, SOURCE, arm_of  # noqa: E402
+from multiarm import at_chosen_lr, by_cell  # noqa: E402
+from multiarm import md_table as _table  # noqa: E402
+from multiarm import num as _num  # noqa: E402
 
 from adarank.atomic import atomic_write_text  # noqa: E402
 from adarank.studies.plots import agreement_vs_chance  # noqa: E402
@@ -58,28 +60,6 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def at_chosen_lr(rows: list[dict[str, Any]], chosen: dict[str, float], warn=print) -> list[dict[str, Any]]:
-    """The rows at their group's chosen learning rate (sweep_state.json's ``chosen``, keyed "task/arm/budget");
-    a group without a recorded choice keeps its rows. Rows at another rate (a grid changed between calls) are
-    dropped with a warning, so no cell mixes rates."""
-    keep = []
-    for r in rows:
-        lr = chosen.get(f"{r['task']}/{r['arm']}/{r['budget']}")
-        if lr is None or r["lr"] == lr:
-            keep.append(r)
-        else:
-            warn(f"warning: {r['path']}: lr {r['lr']:g} is not its group's chosen {lr:g}; left out")
-    return keep
-
-
-def by_cell(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, dict[int, dict[str, Any]]]]:
-    """(task, budget) -> arm -> seed -> row."""
-    out: dict = defaultdict(lambda: defaultdict(dict))
-    for r in rows:
-        out[(r["task"], r["budget"])][r["arm"]][r["seed"]] = r
-    return out
-
-
 def paired(cells: dict, column: str = "value") -> list[dict[str, Any]]:
     """Every comparison of COMPARISONS in every (task, budget) where both arms have shared seeds."""
     out = []
@@ -92,15 +72,6 @@ def paired(cells: dict, column: str = "value") -> list[dict[str, Any]]:
             out.append({"task": task, "budget": budget, "question": question, "a": a, "b": b, "n": len(seeds),
                         "mean_diff": float(np.mean(np.subtract(va, vb))), "p": paired_test(va, vb)})
     return out
-
-
-def _num(x: float | None, spec: str = ".4f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def _table(header: list[str], body: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-           ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
 
 
 def stability_entries(cells: dict, draws: int = 200) -> list[dict[str, Any]]:

@@ -110,6 +110,9 @@ def test_adalora_without_shrink_keeps_the_shapes_and_masks(tmp_path, monkeypatch
 #: Fast-mode steps where 3 cannot hold the experiment's schedule (the official MRPC and CoLA scripts spend 52%
 #: of T at the final budget: at T=3 it would start at step 1).
 FAST_STEPS = {"glue_paper_cola": 4, "glue_paper_mrpc": 4}
+#: increlora (in the allocators sweeps) grows every delta_t = 10 steps in 60% of T: 40 steps hold the 2 growth
+#: steps the tiny model's budget needs (12 triplets, top_h = 10)
+FAST_STEPS |= {f"allocators_{task}": 40 for task in ("sst2", "cola", "mrpc")}
 
 
 def _experiment_overrides(name: str, tmp_path: Path) -> list[str]:
