@@ -1,6 +1,6 @@
 """Pieces the multi-arm studies in experiments/ share (allocation_controls, allocators): the learning-rate choice
-of a selection group, the driver's loop around jobqueue.run_queue with its sweep_state.json, and the tables'
-row handling (the chosen rate only, rows per (task, budget) and arm, markdown).
+of a selection group, the driver's options, job overrides and loop around jobqueue.run_queue with its
+sweep_state.json, and the tables' reading of that state and row handling (the chosen rate only, rows per (task, budget) and arm, markdown).
 
 A study's plan is any object with `initial()` and `ready()` (lists of jobqueue.Job, ready ones handed out as
 their dependencies finish) and `state()` (what sweep_state.json records, with "chosen": "task/arm/budget" -> lr).
@@ -8,7 +8,9 @@ their dependencies finish) and `state()` (what sweep_state.json records, with "c
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +37,30 @@ def choose_lr(runs: dict[float, Path]) -> float | None:
     if not ok:
         return None
     return report_choose_lr(ok, lower_is_better(next(iter(rows.values()))["metric"]))
+
+
+def add_queue_args(ap: argparse.ArgumentParser) -> None:
+    """The driver options of jobqueue.run_queue, and the Hydra overrides passed to every job (after --)."""
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--per-gpu", type=int, default=8)
+    ap.add_argument("--launch-until", type=float, default=float("inf"), help="seconds after which no job starts")
+    ap.add_argument("--kill-at", type=float, default=float("inf"), help="seconds after which running jobs are stopped")
+    ap.add_argument("extra", nargs="*", help="more Hydra overrides for every job (after --)")
+
+
+def job_overrides(root: Path, extra: list[str]) -> list[str]:
+    """What every job of a study under `root` runs with: resumable, no W&B, one data cache for the study."""
+    return ["resume=true", "wandb.mode=disabled", "train.progress=false", f"data.cache_dir={root / 'cache'}", *extra]
+
+
+def read_sweep(root: Path) -> dict[str, Any] | None:
+    """root/sweep_state.json ({} before the first job ends); None, with the error printed, when root has no
+    final runs (the driver has not run)."""
+    if not (root / "final").is_dir():
+        print(f"error: {root / 'final'}: no such directory (run the driver first)", file=sys.stderr)
+        return None
+    path = root / "sweep_state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def run_plan(plan: Any, root: Path, gpus: int, per_gpu: int, launch_until: float, kill_at: float,

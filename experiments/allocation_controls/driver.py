@@ -25,7 +25,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 from jobqueue import run_queue  # noqa: E402
 from plan import ARMS, BUDGETS, LRS, SEEDS, SELECT_SEED, TASKS, Plan  # noqa: E402
-from multiarm import run_plan  # noqa: E402
+from multiarm import add_queue_args, job_overrides, run_plan  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -38,11 +38,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--select-seed", type=int, default=SELECT_SEED)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), help=f"a subset of {', '.join(ARMS)}")
     ap.add_argument("--stages", nargs="+", default=["select", "final"], choices=["select", "final"])
-    ap.add_argument("--gpus", type=int, default=1)
-    ap.add_argument("--per-gpu", type=int, default=8)
-    ap.add_argument("--launch-until", type=float, default=float("inf"), help="seconds after which no job starts")
-    ap.add_argument("--kill-at", type=float, default=float("inf"), help="seconds after which running jobs are stopped")
-    ap.add_argument("extra", nargs="*", help="more Hydra overrides for every job (after --)")
+    add_queue_args(ap)
     return ap.parse_args(argv)
 
 
@@ -50,7 +46,7 @@ def main(argv: list[str] | None = None, queue_runner: Callable = run_queue) -> i
     """Run (or continue) the study; `queue_runner` is jobqueue.run_queue (a test passes one that runs in-process)."""
     args = parse(argv)
     root = Path(args.root).resolve()
-    base = ["resume=true", "wandb.mode=disabled", "train.progress=false", f"data.cache_dir={root / 'cache'}", *args.extra]
+    base = job_overrides(root, args.extra)
     try:
         plan = Plan(root, args.tasks, args.budgets, args.lrs, args.seeds, args.select_seed, args.arms, base, args.stages)
     except ValueError as e:

@@ -18,7 +18,6 @@ Runs are labelled by arm from their config (plan.arm_of), so plain LoRA and the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 import numpy as np  # noqa: E402
 from plan import ARMS, SOURCE, arm_of  # noqa: E402
-from multiarm import at_chosen_lr, by_cell  # noqa: E402
+from multiarm import at_chosen_lr, by_cell, read_sweep  # noqa: E402
 from multiarm import md_table as _table  # noqa: E402
 from multiarm import num as _num  # noqa: E402
 
@@ -131,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=200, help="random allocations per chance level")
     args = ap.parse_args(argv)
     root, out = Path(args.root), Path(args.out)
-    if not (root / "final").is_dir():
-        print(f"error: {root / 'final'}: no such directory (run the driver first)", file=sys.stderr)
+    state = read_sweep(root)
+    if state is None:
         return 2
-    state = json.loads((root / "sweep_state.json").read_text()) if (root / "sweep_state.json").exists() else {}
     rows = at_chosen_lr(load_runs(root), state.get("chosen", {}), lambda m: print(m, file=sys.stderr))
     cells = by_cell(rows)
     stability = stability_entries(cells, args.draws)

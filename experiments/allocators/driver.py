@@ -28,7 +28,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 from jobqueue import run_queue  # noqa: E402
 from plan import ARMS, BUDGETS, DEFAULT_ARMS, SEEDS, SELECT_SEED, TASKS, TIMING_SPEEDS, TIMING_TASKS, Plan  # noqa: E402
-from multiarm import run_plan  # noqa: E402
+from multiarm import add_queue_args, job_overrides, run_plan  # noqa: E402
 
 from adarank.runner.speed import SPEEDS  # noqa: E402
 
@@ -46,11 +46,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stages", nargs="+", default=["select", "final"], help="select final, or timing alone")
     ap.add_argument("--timing-tasks", nargs="+", default=list(TIMING_TASKS))
     ap.add_argument("--timing-speeds", nargs="+", default=list(TIMING_SPEEDS), choices=SPEEDS)
-    ap.add_argument("--gpus", type=int, default=1)
-    ap.add_argument("--per-gpu", type=int, default=8)
-    ap.add_argument("--launch-until", type=float, default=float("inf"), help="seconds after which no job starts")
-    ap.add_argument("--kill-at", type=float, default=float("inf"), help="seconds after which running jobs are stopped")
-    ap.add_argument("extra", nargs="*", help="more Hydra overrides for every job (after --)")
+    add_queue_args(ap)
     return ap.parse_args(argv)
 
 
@@ -58,7 +54,7 @@ def main(argv: list[str] | None = None, queue_runner: Callable = run_queue) -> i
     """Run (or continue) the study; `queue_runner` is jobqueue.run_queue (a test passes one that runs in-process)."""
     args = parse(argv)
     root = Path(args.root).resolve()
-    base = ["resume=true", "wandb.mode=disabled", "train.progress=false", f"data.cache_dir={root / 'cache'}", *args.extra]
+    base = job_overrides(root, args.extra)
     try:
         plan = Plan(root, args.tasks, args.budgets, args.lrs, args.seeds, args.select_seed, args.arms, base,
                     args.stages, args.timing_tasks, args.timing_speeds)

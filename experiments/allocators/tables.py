@@ -19,7 +19,6 @@ Writes OUT/tables.md:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 import numpy as np  # noqa: E402
 from plan import ARMS, arm_of  # noqa: E402
-from multiarm import at_chosen_lr, by_cell, md_table, num  # noqa: E402
+from multiarm import at_chosen_lr, by_cell, md_table, num, read_sweep  # noqa: E402
 
 from adarank.atomic import atomic_write_text  # noqa: E402
 from adarank.runner.plots import NO_LAYER, layer_key, parse_module_name  # noqa: E402
@@ -249,10 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     root, out = Path(args.root), Path(args.out)
-    if not (root / "final").is_dir():
-        print(f"error: {root / 'final'}: no such directory (run the driver first)", file=sys.stderr)
+    state = read_sweep(root)
+    if state is None:
         return 2
-    state = json.loads((root / "sweep_state.json").read_text()) if (root / "sweep_state.json").exists() else {}
     warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
     chosen = state.get("chosen", {})
     rows = [r | {"stage": "final"} for r in at_chosen_lr(load_runs(root), chosen, warn)]
