@@ -1,4 +1,4 @@
-"""`train.speed`: which fast paths a run takes (method.fused, train.compile, train.cuda_graph, data.length_buckets).
+"""`train.speed`: which fast paths a run takes (method.fused, train.compile, train.cuda_graph).
 
 `decide()` is a pure function of facts known before any model loads (the device, the processes, autocast's
 dtype, the model family, what the method supports) and of what the user asked for:
@@ -49,13 +49,11 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class Mode:
-    """The fast paths one run takes. `buckets`: the data.length_buckets the mode sets, None to leave it as
-    configured."""
+    """The fast paths one run takes (data.length_buckets is left as configured)."""
 
     fused: bool = False
     compile: bool = False
     cuda_graph: bool = False
-    buckets: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -81,10 +79,6 @@ class Facts:
     grows: bool  # the method grows its rank (parameters replaced every delta_t steps)
     peft: bool  # built by PEFT
     quantized: bool  # model.quantization is not none
-    causal: bool  # a causal-LM task: packed blocks of one width, nothing to bucket
-    length_buckets: Any  # data.length_buckets as configured
-    n_pow2_buckets: int  # how many widths data.length_buckets=pow2 gives at task.max_length
-    cuda_graph_shapes: int
 
 
 @dataclass(frozen=True)
@@ -179,7 +173,6 @@ def facts_of(cfg: Any, device_type: str, world_size: int, amp: Any) -> Facts:
     """The Facts of a run (cfg: a runner Config) on this device; the model's config is read only on a GPU."""
     import torch
 
-    from .data.buckets import resolve_buckets
     from .data.tasks import TASKS
     from .methods import METHODS
 
@@ -187,10 +180,7 @@ def facts_of(cfg: Any, device_type: str, world_size: int, amp: Any) -> Facts:
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(amp)
     return Facts(device_type=device_type, world_size=world_size, precision=precision,
                  model_type=model_type(cfg.model.name_or_path, causal) if device_type == "cuda" else None,
-                 fusable=spec.fusable, grows=spec.grows, peft=spec.peft, quantized=cfg.model.quantization != "none",
-                 causal=causal, length_buckets=cfg.data.length_buckets,
-                 n_pow2_buckets=len(resolve_buckets("pow2", cfg.task.max_length)),
-                 cuda_graph_shapes=cfg.train.cuda_graph_shapes)
+                 fusable=spec.fusable, grows=spec.grows, peft=spec.peft, quantized=cfg.model.quantization != "none")
 
 
 def resolve(cfg: Any, device_type: str, world_size: int, amp: Any) -> tuple[Any, Choice]:
@@ -205,7 +195,6 @@ def resolve(cfg: Any, device_type: str, world_size: int, amp: Any) -> tuple[Any,
     if tc.speed != AUTO and mode.cuda_graph and (device_type != "cuda" or world_size > 1):
         raise ValueError(f"train.speed: {tc.speed} needs one CUDA device and one process, got {device_type} with "
                          f"{world_size} process{'es' if world_size > 1 else ''}")
-    data = cfg.data if mode.buckets is None else dataclasses.replace(cfg.data, length_buckets=mode.buckets)
     return dataclasses.replace(
-        cfg, method=dataclasses.replace(cfg.method, fused=mode.fused), data=data,
+        cfg, method=dataclasses.replace(cfg.method, fused=mode.fused),
         train=dataclasses.replace(tc, compile=mode.compile, cuda_graph=mode.cuda_graph)), choice

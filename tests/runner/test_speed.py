@@ -14,9 +14,9 @@ from adarank.runner.speed import MODES, Facts, Mode, check_request, decide
 
 from e2e import GLUE_FIXTURES, one_thread, run, tiny_config  # noqa: F401
 
-#: a run auto would speed up: adalora on one GPU under bf16, a BERT, dynamic padding at max_length 64
+#: a run auto would speed up: adalora on one GPU under bf16, a BERT
 GPU_RUN = Facts(device_type="cuda", world_size=1, precision="bf16", model_type="bert", fusable=True, grows=False,
-                peft=False, quantized=False, causal=False, length_buckets="none", n_pow2_buckets=4, cuda_graph_shapes=8)
+                peft=False, quantized=False)
 EAGER = MODES["eager"]
 FUSED_GRAPH = Mode(fused=True, cuda_graph=True)  # the buckets left as configured
 
@@ -32,8 +32,7 @@ TABLE = [
     ({"fusable": False, "peft": True}, EAGER, "no fast mode"),
     ({"grows": True}, EAGER, "increlora"),
     ({"precision": None}, FUSED_GRAPH, "fastest measured"),  # fp32 autocast off: graphs still run
-    ({"model_type": "llama", "causal": True}, Mode(fused=True, cuda_graph=True), "fastest measured"),  # packed blocks
-    ({"length_buckets": [32, 64]}, Mode(fused=True, cuda_graph=True), "fastest measured"),  # the user's buckets kept
+    ({"model_type": "llama"}, Mode(fused=True, cuda_graph=True), "fastest measured"),  # a causal LM
 ]
 
 
@@ -88,6 +87,8 @@ def test_on_a_cpu_auto_changes_nothing(tmp_path):
     gpu, choice = speed.resolve(cfg, "cuda", 1, torch.bfloat16)  # decided from the config alone: nothing runs
     assert (gpu.method.fused, gpu.train.cuda_graph, gpu.train.compile, gpu.data.length_buckets) == (True, True, False, "none")
     assert gpu.train.speed == "auto" and choice.mode == FUSED_GRAPH
+    kept, _ = speed.resolve(tiny_config(tmp_path, "data.length_buckets=[32,64]"), "cuda", 1, torch.bfloat16)
+    assert kept.data.length_buckets == [32, 64]  # the user's buckets kept
 
 
 @pytest.mark.usefixtures("one_thread")
